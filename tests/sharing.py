@@ -1,0 +1,29 @@
+"""Random batches whose requests share pages the way vLLM shares them: a
+prefix for all, documents for groups, then each request's own pages."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def random_batch(rng: np.random.Generator, page_size: int, max_rows: int = 12):
+    """-> block_table [R, P], seq_lens [R], query_lens [R], num_pages_total."""
+    num_rows = int(rng.integers(1, max_rows + 1))
+    next_page = iter(range(1, 1_000_000))
+    common = [next(next_page) for _ in range(int(rng.integers(0, 6)))]
+    groups = [[next(next_page) for _ in range(int(rng.integers(0, 5)))] for _ in range(int(rng.integers(1, 4)))]
+    rows, seq_lens, query_lens = [], [], []
+    for _ in range(num_rows):
+        prefix = (common if rng.random() < 0.8 else []) + groups[int(rng.integers(len(groups)))]
+        own_tokens = int(rng.integers(1, 3 * page_size))
+        query_len = int(rng.integers(1, own_tokens + 1)) if rng.random() < 0.3 else 1
+        seq_len = len(prefix) * page_size + own_tokens
+        own_pages = [next(next_page) for _ in range(-(-own_tokens // page_size))]
+        rows.append(prefix + own_pages)
+        seq_lens.append(seq_len)
+        query_lens.append(query_len)
+    width = max(len(r) for r in rows) + 2
+    table = np.zeros((num_rows, width), dtype=np.int64)
+    for i, r in enumerate(rows):
+        table[i, : len(r)] = r
+    return table, np.array(seq_lens), np.array(query_lens), next(next_page)

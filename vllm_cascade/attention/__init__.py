@@ -1,0 +1,1 @@
+"""Cascade attention: planning (pure), metadata, and the vLLM backend."""

@@ -1,0 +1,262 @@
+"""The CASCADE attention backend for vLLM: Backend, metadata Builder, Impl.
+
+- `CascadeBackend`: static description (what vLLM may hand us).
+- `CascadeMetadataBuilder.build`: host work once per step: read the block
+  table, plan the cascade levels, plan the GPU kernels.
+- `CascadeImpl.forward`: per layer, no planning; runs the planned levels.
+
+The KV cache of a layer is `[num_pages, num_kv_heads, page_size, 2 * head_dim]`
+(KVCacheLayout.LBHNC): keys in the first half of the last dim, values in the
+second, as vLLM's FlashInfer backend stores them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+import numpy as np
+import torch
+from vllm.config import VllmConfig, get_layers_from_vllm_config
+from vllm.model_executor.layers.attention import Attention
+from vllm.v1.attention.backend import (
+    AttentionBackend,
+    AttentionCGSupport,
+    AttentionImpl,
+    AttentionLayer,
+    AttentionMetadataBuilder,
+    AttentionType,
+    CommonAttentionMetadata,
+)
+from vllm.v1.kv_cache_layout import KVCacheLayout
+
+from vllm_cascade import BACKEND_NAME
+from vllm_cascade.attention.plan import CascadePlan, flat_plan, plan_cascade
+from vllm_cascade.config import CascadeConfig
+from vllm_cascade.ops import torch_attention
+from vllm_cascade.stats import STATS
+
+if TYPE_CHECKING:
+    from vllm_cascade.ops.flashinfer_attention import FlashInferCascade
+
+SUPPORTED_HEAD_SIZES = [64, 128, 256]  # what the FlashInfer path is built for; CPU keeps parity
+
+
+class CascadeBackend(AttentionBackend):
+    forward_includes_kv_cache_update: bool = False
+    supported_dtypes: ClassVar[list[torch.dtype]] = [torch.float16, torch.bfloat16, torch.float32]
+    supported_kv_cache_dtypes: ClassVar[list] = ["auto", "float16", "bfloat16"]
+
+    @staticmethod
+    def get_name() -> str:
+        return BACKEND_NAME
+
+    @staticmethod
+    def get_impl_cls() -> type["CascadeImpl"]:
+        return CascadeImpl
+
+    @staticmethod
+    def get_builder_cls() -> type["CascadeMetadataBuilder"]:
+        return CascadeMetadataBuilder
+
+    @classmethod
+    def get_supported_head_sizes(cls) -> list[int]:
+        return SUPPORTED_HEAD_SIZES
+
+    @classmethod
+    def supported_kv_cache_layouts(cls) -> tuple[KVCacheLayout, ...]:
+        return (KVCacheLayout.LBHNC,)
+
+    @classmethod
+    def supports_compute_capability(cls, capability) -> bool:
+        return capability is None or capability.major >= 8  # None: the CPU
+
+    @classmethod
+    def supports_attn_type(cls, attn_type: str) -> bool:
+        return attn_type == AttentionType.DECODER
+
+
+@dataclass
+class CascadeMetadata:
+    num_actual_tokens: int
+    query_start_loc: np.ndarray  # host [num_rows + 1]
+    seq_lens: np.ndarray  # host [num_rows]
+    block_table: torch.Tensor  # [num_rows, max_pages], on the KV cache's device
+    plan: CascadePlan
+    kernel: "FlashInferCascade | None"  # the builder's GPU wrappers, planned for this step
+
+
+class CascadeMetadataBuilder(AttentionMetadataBuilder[CascadeMetadata]):
+    # Planning reads the block table on the host each step: not capturable yet.
+    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER
+
+    def __init__(self, kv_cache_spec, layer_names: list[str], vllm_config: VllmConfig, device: torch.device):
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        self.config = CascadeConfig.from_vllm(vllm_config)
+        self.page_size = kv_cache_spec.block_size
+        self.kernel: FlashInferCascade | None = None
+        if device.type == "cuda":
+            from vllm_cascade.ops.flashinfer_attention import FlashInferCascade
+
+            impl = _layer_impls(vllm_config, layer_names)[0]
+            self.kernel = FlashInferCascade(
+                device,
+                impl.num_heads,
+                impl.num_kv_heads,
+                impl.head_size,
+                self.page_size,
+                vllm_config.model_config.dtype,
+                impl.scale,
+                self.config.max_cascade_levels,
+            )
+
+    def build(
+        self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata, fast_build: bool = False
+    ) -> CascadeMetadata:
+        cm = common_attn_metadata
+        num_rows = cm.num_reqs
+        query_start_loc = cm.query_start_loc_cpu[: num_rows + 1].numpy().astype(np.int64)
+        host_seq_lens = cm.seq_lens_cpu_upper_bound if cm.seq_lens_cpu_upper_bound is not None else cm.seq_lens
+        seq_lens = host_seq_lens[:num_rows].cpu().numpy().astype(np.int64)
+        block_table = cm.block_table_tensor[:num_rows]
+        query_lens = np.diff(query_start_loc)
+
+        host_table = None
+        plan = flat_plan(seq_lens, self.page_size)
+        if self._may_share(seq_lens, query_lens):
+            # On the GPU this copy waits for the step's block-table upload.
+            host_table = block_table.cpu().numpy()
+            plan = plan_cascade(
+                host_table,
+                seq_lens,
+                query_lens,
+                self.page_size,
+                self.config.max_cascade_levels,
+                self.config.min_saved_pages,
+                self.config.min_saved_fraction,
+            )
+        STATS.record_step(plan.num_levels, plan.pages_read, plan.flat_pages_read)
+        if self.kernel is not None:
+            self.kernel.plan(plan, block_table, host_table, seq_lens, query_start_loc)
+        return CascadeMetadata(
+            num_actual_tokens=cm.num_actual_tokens,
+            query_start_loc=query_start_loc,
+            seq_lens=seq_lens,
+            block_table=block_table,
+            plan=plan,
+            kernel=self.kernel,
+        )
+
+    def _may_share(self, seq_lens: np.ndarray, query_lens: np.ndarray) -> bool:
+        """Cheap test before reading the block table: could any sharing pay?"""
+        if not self.config.enable_cascade or self.config.max_cascade_levels < 2 or len(seq_lens) < 2:
+            return False
+        eligible_pages = int((np.maximum(seq_lens - query_lens, 0) // self.page_size).max())
+        return eligible_pages * (len(seq_lens) - 1) >= self.config.min_saved_pages
+
+
+class CascadeImpl(AttentionImpl[CascadeMetadata]):
+    def __init__(
+        self,
+        num_heads: int,
+        head_size: int,
+        scale: float,
+        num_kv_heads: int,
+        alibi_slopes: list[float] | None,
+        sliding_window: int | None,
+        kv_cache_dtype: str,
+        logits_soft_cap: float | None = None,
+        attn_type: str = AttentionType.DECODER,
+        kv_sharing_target_layer_name: str | None = None,
+        sinks: torch.Tensor | None = None,
+    ) -> None:
+        unsupported = {
+            "ALiBi": alibi_slopes is not None,
+            "sliding window": sliding_window is not None,
+            "logits soft cap": bool(logits_soft_cap),
+            "attention sinks": sinks is not None,
+            "KV sharing between layers": kv_sharing_target_layer_name is not None,
+            f"attention type {attn_type}": attn_type != AttentionType.DECODER,
+        }
+        if any(unsupported.values()):
+            names = ", ".join(k for k, v in unsupported.items() if v)
+            raise NotImplementedError(f"The {BACKEND_NAME} attention backend does not support {names}.")
+        self.num_heads = num_heads
+        self.head_size = head_size
+        self.scale = float(scale)
+        self.num_kv_heads = num_kv_heads
+        self.kv_cache_dtype = kv_cache_dtype
+        self.attn_type = attn_type
+        self.kv_sharing_target_layer_name = None
+
+    def forward(
+        self,
+        layer: AttentionLayer,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        attn_metadata: CascadeMetadata | None,
+        output: torch.Tensor,
+        output_scale: torch.Tensor | None = None,
+        output_block_scale: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if output_scale is not None or output_block_scale is not None:
+            raise NotImplementedError(f"{BACKEND_NAME} does not fuse output quantization.")
+        if attn_metadata is None:  # profiling run
+            return output
+        k_cache, v_cache = kv_cache[..., : self.head_size], kv_cache[..., self.head_size :]
+        num_tokens = int(attn_metadata.query_start_loc[-1])
+        out = output[:num_tokens].view(num_tokens, self.num_heads, self.head_size)
+        query = query[:num_tokens].view(num_tokens, self.num_heads, self.head_size)
+        if attn_metadata.kernel is not None:
+            STATS.paths["flashinfer"] += 1
+            attn_metadata.kernel.run(query, k_cache, v_cache, out)
+        else:
+            STATS.paths["torch"] += 1
+            torch_attention.cascade_attention(
+                query,
+                k_cache,
+                v_cache,
+                attn_metadata.block_table,
+                attn_metadata.seq_lens,
+                attn_metadata.query_start_loc,
+                attn_metadata.plan,
+                self.scale,
+                out,
+            )
+        STATS.layer_calls += 1
+        return output
+
+    def do_kv_cache_update(
+        self,
+        layer: torch.nn.Module,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        slot_mapping: torch.Tensor,
+    ) -> None:
+        k_cache, v_cache = kv_cache[..., : self.head_size], kv_cache[..., self.head_size :]
+        if kv_cache.is_cuda:
+            # vLLM's own kernel; it takes [pages, N, H, D] views.
+            torch.ops._C_cache_ops.reshape_and_cache_flash(
+                key,
+                value,
+                k_cache.transpose(1, 2),
+                v_cache.transpose(1, 2),
+                slot_mapping,
+                self.kv_cache_dtype,
+                layer._k_scale,
+                layer._v_scale,
+            )
+        else:
+            torch_attention.write_kv(key, value, k_cache, v_cache, slot_mapping)
+
+
+def _layer_impls(vllm_config: VllmConfig, layer_names: list[str]) -> list[CascadeImpl]:
+    layers = get_layers_from_vllm_config(vllm_config, Attention, layer_names)
+    impls = [layer.impl for layer in layers.values()]
+    scales = {impl.scale for impl in impls}
+    if len(scales) > 1:
+        raise ValueError(f"{BACKEND_NAME} needs one softmax scale per KV-cache group, got {scales}")
+    return impls

@@ -1,0 +1,147 @@
+"""Cascade planning: which KV pages of a batch are shared, and by whom.
+
+Pure numpy, no vLLM and no torch, so it runs (and is tested) anywhere.
+
+Requests that share a prefix share physical pages (vLLM's prefix caching and
+our chunk pages both do this), so sharing is visible in the block table: equal
+page ids at equal block indices. The planner walks the block table as a trie
+and cuts it into *levels*:
+
+    level 0    pages shared by the most requests (a system prompt for all)
+    level 1    pages shared by groups (a document per group)
+    ...
+    own level  each request's remaining pages, attended causally
+
+A shared level is attended once for all queries of its requests; the levels'
+partial results are merged exactly by log-sum-exp. Only pages that lie wholly
+before a request's first query token may be shared: such pages need no causal
+mask, so a shared segment is a plain (non-causal) attention over its pages.
+
+Example:
+    >>> import numpy as np
+    >>> bt = np.array([[7, 8, 1], [7, 8, 2], [7, 9, 3]])  # 3 requests, page size 4
+    >>> plan = plan_cascade(bt, seq_lens=np.array([12, 12, 12]),
+    ...                     query_lens=np.array([1, 1, 1]), block_size=4,
+    ...                     min_saved_pages=1, min_saved_fraction=0.0)
+    >>> [(s.level, s.rows.tolist(), s.pages.tolist()) for lvl in plan.shared for s in lvl]
+    [(0, [0, 1, 2], [7]), (1, [0, 1], [8])]
+    >>> plan.own_first_page.tolist(), plan.pages_read, plan.flat_pages_read
+    ([2, 2, 1], 6, 9)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class SharedSegment:
+    """Block-table entries [first_page, first_page + len(pages)) of every row
+    in `rows` hold the same physical `pages`."""
+
+    level: int
+    rows: np.ndarray  # batch rows (requests) whose queries attend these pages
+    first_page: int  # block-table index of pages[0], the same in every row
+    pages: np.ndarray  # physical page ids
+
+
+@dataclass(frozen=True)
+class CascadePlan:
+    """How one step's attention is cut into levels (host-side, built once per step)."""
+
+    shared: list[list[SharedSegment]]  # shared levels, most shared first
+    own_first_page: np.ndarray  # [num_rows] block index where each row's own pages start
+    pages_read: int  # KV pages one layer reads with this plan
+    flat_pages_read: int  # KV pages one layer reads attending each request alone
+
+    @property
+    def num_levels(self) -> int:
+        return len(self.shared) + 1
+
+    @property
+    def is_flat(self) -> bool:
+        return not self.shared
+
+
+def flat_plan(seq_lens: np.ndarray, block_size: int) -> CascadePlan:
+    pages = int(_num_pages(seq_lens, block_size).sum())
+    return CascadePlan([], np.zeros(len(seq_lens), dtype=np.int64), pages, pages)
+
+
+def plan_cascade(
+    block_table: np.ndarray,
+    seq_lens: np.ndarray,
+    query_lens: np.ndarray,
+    block_size: int,
+    max_levels: int = 3,
+    min_saved_pages: int = 64,
+    min_saved_fraction: float = 0.1,
+) -> CascadePlan:
+    """Cut a step's block table into cascade levels.
+
+    Args:
+        block_table: [num_rows, >= max pages] physical page ids per request.
+        seq_lens: [num_rows] tokens in each request's KV after this step.
+        query_lens: [num_rows] tokens each request computes this step.
+        block_size: tokens per page.
+        max_levels: levels in all, the own level included; 1 means flat.
+        min_saved_pages: a shared segment must save at least this many page
+            reads ((rows - 1) * pages); smaller sharing is folded into deeper
+            segments or the own level, where it costs no extra pass.
+        min_saved_fraction: below this share of the flat page reads saved, the
+            whole step runs flat: extra passes and merges would cost more.
+    """
+    seq_lens = np.asarray(seq_lens, dtype=np.int64)
+    query_lens = np.asarray(query_lens, dtype=np.int64)
+    num_rows = len(seq_lens)
+    flat_pages = int(_num_pages(seq_lens, block_size).sum())
+    # Pages wholly before a row's first query token: attendable without a mask.
+    eligible = np.maximum(seq_lens - query_lens, 0) // block_size
+    if num_rows < 2 or max_levels < 2 or int(eligible.max(initial=0)) == 0:
+        return flat_plan(seq_lens, block_size)
+
+    levels: list[list[SharedSegment]] = [[] for _ in range(max_levels - 1)]
+    own_first_page = np.zeros(num_rows, dtype=np.int64)
+
+    def visit(rows: np.ndarray, start: int, pending: int, depth: int) -> None:
+        # Rows share pages [0, start); pages [pending, start) are not yet in any
+        # level. Extend the run of pages all rows share.
+        limit = int(eligible[rows].min())
+        end = start
+        if limit > start:
+            same = (block_table[rows, start:limit] == block_table[rows[0], start:limit]).all(0)
+            end = start + (int(np.argmin(same)) if not same.all() else limit - start)
+        saved = (len(rows) - 1) * (end - pending)
+        if len(rows) > 1 and depth < max_levels - 1 and saved >= min_saved_pages:
+            levels[depth].append(
+                SharedSegment(depth, rows.copy(), pending, block_table[rows[0], pending:end].copy())
+            )
+            pending, depth = end, depth + 1
+        below = eligible[rows] > end
+        own_first_page[rows[~below]] = pending
+        rest = rows[below]
+        if len(rest) == 0:
+            return
+        # Branch on the next page id; np.unique keeps groups in a stable order.
+        next_page = block_table[rest, end]
+        for page in np.unique(next_page):
+            group = rest[next_page == page]
+            if len(group) == 1:
+                own_first_page[group] = pending
+            else:
+                visit(group, end, pending, depth)
+
+    visit(np.arange(num_rows), 0, 0, 0)
+    levels = [lvl for lvl in levels if lvl]
+    shared_pages = sum(len(s.pages) for lvl in levels for s in lvl)
+    own_pages = int((_num_pages(seq_lens, block_size) - own_first_page).sum())
+    pages_read = shared_pages + own_pages
+    if not levels or flat_pages - pages_read < min_saved_fraction * flat_pages:
+        return flat_plan(seq_lens, block_size)
+    return CascadePlan(levels, own_first_page, pages_read, flat_pages)
+
+
+def _num_pages(seq_lens: np.ndarray, block_size: int) -> np.ndarray:
+    return (np.asarray(seq_lens, dtype=np.int64) + block_size - 1) // block_size

@@ -1,0 +1,1 @@
+"""Attention kernels: a torch path (CPU, reference) and a FlashInfer path (GPU)."""

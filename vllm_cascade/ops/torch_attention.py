@@ -1,0 +1,146 @@
+"""Paged cascade attention in plain torch: the CPU path and the reference.
+
+The KV cache of one layer is `[num_pages, num_kv_heads, page_size, head_dim]`
+for keys and the same for values. Every function returns the attention output
+together with its log-sum-exp (natural log, float32), so that attention over
+disjoint key sets merges exactly:
+
+    lse = logaddexp(lse_a, lse_b)
+    out = exp(lse_a - lse) * out_a + exp(lse_b - lse) * out_b
+
+Example:
+    >>> import torch
+    >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+    <...>
+    >>> k = torch.randn(4, 2, 8, 16); v = torch.randn(4, 2, 8, 16)
+    >>> q = torch.randn(3, 4, 16)  # 3 tokens, 4 query heads (GQA 2)
+    >>> pages = torch.tensor([2, 0])
+    >>> full = attend(q, gather_pages(k, pages, 16), gather_pages(v, pages, 16), 0.25)
+    >>> a = attend(q, gather_pages(k, pages[:1], 8), gather_pages(v, pages[:1], 8), 0.25)
+    >>> b = attend(q, gather_pages(k, pages[1:], 8), gather_pages(v, pages[1:], 8), 0.25)
+    >>> torch.allclose(merge(*a, *b)[0], full[0], atol=1e-5)
+    True
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from vllm_cascade.attention.plan import CascadePlan
+
+
+def gather_pages(cache: torch.Tensor, pages: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """[num_pages, H, N, D] cache, page ids -> [H, num_tokens, D] keys or values."""
+    h, n, d = cache.shape[1:]
+    return cache[pages].transpose(0, 1).reshape(h, len(pages) * n, d)[:, :num_tokens]
+
+
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    q_pos: torch.Tensor | None = None,
+    k_pos0: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of q [T, Hq, D] over k, v [Hkv, L, D] -> (out [T, Hq, D], lse [T, Hq]).
+
+    With `q_pos` (absolute positions of the queries), key j sits at position
+    k_pos0 + j and is masked when it lies after the query (causal).
+    """
+    t, hq, d = q.shape
+    hkv, length = k.shape[0], k.shape[1]
+    g = hq // hkv
+    qg = q.float().reshape(t, hkv, g, d).permute(1, 0, 2, 3).reshape(hkv, t * g, d)
+    scores = torch.bmm(qg, k.float().transpose(1, 2)) * scale  # [Hkv, T*G, L]
+    if q_pos is not None:
+        k_pos = k_pos0 + torch.arange(length, device=q.device)
+        masked = k_pos[None, :] > q_pos.repeat_interleave(g)[:, None]
+        scores = scores.masked_fill(masked[None], float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)  # -inf where a row sees no key
+    probs = torch.exp(scores - lse[..., None]).nan_to_num_(0.0)
+    out = torch.bmm(probs, v.float())  # [Hkv, T*G, D]
+    out = out.reshape(hkv, t, g, d).permute(1, 0, 2, 3).reshape(t, hq, d)
+    lse = lse.reshape(hkv, t, g).permute(1, 0, 2).reshape(t, hq)
+    return out, lse
+
+
+def merge(
+    out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact merge of attention over two disjoint key sets (see module doc)."""
+    lse = torch.logaddexp(lse_a, lse_b)
+    # A side that saw no key has lse -inf and weight 0 (not NaN).
+    w_a = torch.exp(lse_a - lse).nan_to_num_(0.0)[..., None]
+    w_b = torch.exp(lse_b - lse).nan_to_num_(0.0)[..., None]
+    return w_a * out_a + w_b * out_b, lse
+
+
+def cascade_attention(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: np.ndarray,
+    query_start_loc: np.ndarray,
+    plan: CascadePlan,
+    scale: float,
+    out: torch.Tensor,
+) -> None:
+    """Write attention of every request's queries over its KV into `out`.
+
+    The own level runs per request, causally, over the pages from
+    plan.own_first_page on; each shared segment runs once over its pages for
+    all its requests' queries and is merged in.
+    """
+    page = key_cache.shape[2]
+    num_rows = len(seq_lens)
+    acc_out: list[torch.Tensor] = []
+    acc_lse: list[torch.Tensor] = []
+    for r in range(num_rows):
+        q0, q1 = int(query_start_loc[r]), int(query_start_loc[r + 1])
+        seq_len, first = int(seq_lens[r]), int(plan.own_first_page[r])
+        pages = block_table[r, first : (seq_len + page - 1) // page]
+        k0 = first * page
+        q_pos = torch.arange(seq_len - (q1 - q0), seq_len, device=query.device)
+        o, lse = attend(
+            query[q0:q1],
+            gather_pages(key_cache, pages, seq_len - k0),
+            gather_pages(value_cache, pages, seq_len - k0),
+            scale,
+            q_pos=q_pos,
+            k_pos0=k0,
+        )
+        acc_out.append(o)
+        acc_lse.append(lse)
+    for level in plan.shared:
+        for seg in level:
+            rows = [int(r) for r in seg.rows]
+            pages = torch.as_tensor(seg.pages, device=key_cache.device)
+            n = len(seg.pages) * page
+            q = torch.cat([query[int(query_start_loc[r]) : int(query_start_loc[r + 1])] for r in rows])
+            o, lse = attend(q, gather_pages(key_cache, pages, n), gather_pages(value_cache, pages, n), scale)
+            start = 0
+            for r in rows:
+                length = int(query_start_loc[r + 1] - query_start_loc[r])
+                sl = slice(start, start + length)
+                acc_out[r], acc_lse[r] = merge(acc_out[r], acc_lse[r], o[sl], lse[sl])
+                start += length
+    num_tokens = int(query_start_loc[num_rows])
+    out[:num_tokens].copy_(torch.cat(acc_out).to(out.dtype).reshape(out[:num_tokens].shape))
+
+
+def write_kv(
+    key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """Store key/value [T, Hkv, D] at slots (page * page_size + offset); slot < 0 is padding."""
+    slots = slot_mapping.long()
+    keep = slots >= 0
+    num = slots.shape[0]
+    page_size = k_cache.shape[2]
+    pages, offsets = slots // page_size, slots % page_size
+    if not bool(keep.all()):
+        pages, offsets, key, value = pages[keep], offsets[keep], key[:num][keep], value[:num][keep]
+    k_cache[pages, :, offsets] = key[: len(pages)].to(k_cache.dtype)
+    v_cache[pages, :, offsets] = value[: len(pages)].to(v_cache.dtype)

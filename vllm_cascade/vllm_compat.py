@@ -1,0 +1,60 @@
+"""Every vLLM internal the plugin touches, in one place (vLLM 0.32.0).
+
+Porting to another vLLM version starts and, ideally, ends here. What is used:
+
+- `vllm.v1.attention.backends.registry.register_backend`: adds the CASCADE
+  member to `AttentionBackendEnum`, which `--attention-backend` parses.
+- `vllm.platforms.cpu.CpuPlatform.get_attn_backend_cls`: ignores any
+  selection but its own; wrapped so that CASCADE is honoured (and validated).
+
+The attention backend itself (attention/backend.py) implements vLLM's public
+backend interface (`vllm.v1.attention.backend`) and reads the KV cache as
+`[pages, H, N, 2*D]` (`KVCacheLayout.LBHNC`). Imports here stay inside the
+functions: the platform hook runs while vLLM is still resolving its platform.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vllm_cascade import BACKEND_NAME
+
+BACKEND_CLASS_PATH = "vllm_cascade.attention.backend.CascadeBackend"
+
+
+def register_backend_name() -> None:
+    """Add CASCADE to vLLM's backend enum (idempotent, no CUDA, cheap import)."""
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+
+    if BACKEND_NAME not in AttentionBackendEnum.__members__:
+        register_backend(BACKEND_NAME, BACKEND_CLASS_PATH)
+
+
+def make_cpu_platform_honour_selection() -> None:
+    """CpuPlatform picks CPU_ATTN whatever the user selected; make it listen to CASCADE."""
+    from vllm.platforms.cpu import CpuPlatform
+
+    original = CpuPlatform.get_attn_backend_cls
+    if getattr(original, "_cascade_wrapped", False):
+        return
+
+    def get_attn_backend_cls(cls, selected_backend, attn_selector_config, num_heads=None):
+        if selected_backend is not None and selected_backend.name == BACKEND_NAME:
+            return validated_backend_path(selected_backend, attn_selector_config, None)
+        return original.__func__(cls, selected_backend, attn_selector_config, num_heads)
+
+    get_attn_backend_cls._cascade_wrapped = True  # type: ignore[attr-defined]
+    CpuPlatform.get_attn_backend_cls = classmethod(get_attn_backend_cls)  # type: ignore[method-assign]
+
+
+def validated_backend_path(selected_backend: Any, attn_selector_config: Any, device_capability: Any) -> str:
+    """The class path of CASCADE, or vLLM's usual error naming what does not fit."""
+    backend_class = selected_backend.get_class()
+    reasons = backend_class.validate_configuration(
+        device_capability=device_capability, **attn_selector_config._asdict()
+    )
+    if reasons:
+        raise ValueError(
+            f"Selected backend {selected_backend} is not valid for this configuration. Reason: {reasons}"
+        )
+    return selected_backend.get_path()
