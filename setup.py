@@ -14,6 +14,7 @@ setup(
         "test": ["pytest>=8", "requests"],
     },
     entry_points={
+        "console_scripts": ["vllm-cascade = vllm_cascade.entrypoints.cli:main"],
         "vllm.platform_plugins": ["cascade = vllm_cascade.plugin:register_early"],
         "vllm.general_plugins": ["cascade = vllm_cascade.plugin:register"],
     },

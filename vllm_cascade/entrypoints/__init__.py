@@ -1,0 +1,1 @@
+"""User-facing entry points: the `vllm-cascade` command (and, later, HTTP routes)."""

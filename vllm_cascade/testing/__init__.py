@@ -1,0 +1,1 @@
+"""Test helpers for vllm_cascade (tiny deterministic models, fixtures)."""
