@@ -370,6 +370,29 @@ def _write_model(out: pathlib.Path, tie: bool) -> None:
     os.chmod(out / "model.safetensors", 0o644)  # safetensors creates it 0600; caches may be shared
 
 
+def write_random_checkpoint(config_dir: str | os.PathLike, out_dir: str | os.PathLike,
+                            dtype: torch.dtype = torch.bfloat16) -> pathlib.Path:
+    """A real Qwen3 config (e.g. Qwen3-0.6B) with this module's scaled random init.
+
+    vLLM's `load_format="dummy"` draws weights so small that every logit is ~0
+    (uniform next-token distribution), which makes backend comparisons vacuous;
+    these weights give peaked, prompt-dependent distributions. No tokenizer: use
+    token-id prompts with `skip_tokenizer_init=True`.
+    """
+    from safetensors.torch import save_file
+
+    out = pathlib.Path(out_dir)
+    if (out / MARKER).exists():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = json.loads((pathlib.Path(config_dir) / "config.json").read_text())
+    weights = {k: v.to(dtype) for k, v in _weights(cfg, unused_ids=[]).items()}
+    save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
+    shutil.copy(pathlib.Path(config_dir) / "config.json", out / "config.json")
+    (out / MARKER).write_text("random\n")
+    return out
+
+
 def build_tiny_qwen3(
     out_dir: str | os.PathLike | None = None, *, tie_word_embeddings: bool = True
 ) -> pathlib.Path:
