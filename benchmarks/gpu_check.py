@@ -97,13 +97,13 @@ def main() -> None:
     from vllm_cascade.stats import read_stats_dir
 
     print("worker stats:", read_stats_dir(stats_dir))
-    ref = results.get("FLASH_ATTN")
-    total = sum(len(o["ids"]) for o in ref) if ref else 0
-    print(f"\n{'backend':<12} {'identical requests':>20} {'equal-prefix tokens':>20} {'max |dlogprob|':>15}")
-    for backend, outs in results.items():
-        same, prefix, worst = compare(ref, outs)
-        print(f"{backend:<12} {same:>14}/{len(outs):<5} {prefix:>13}/{total:<6} {worst:>15.4f}")
-
+    total = sum(len(o["ids"]) for o in next(iter(results.values()), []))
+    print(f"\n{'backend':<12} {'vs':<12} {'identical requests':>20} {'equal-prefix tokens':>20} {'max |dlogprob|':>15}")
+    for ref in ("FLASH_ATTN", "FLASHINFER"):
+        for backend, outs in results.items():
+            if backend != ref and ref in results:
+                same, prefix, worst = compare(results[ref], outs)
+                print(f"{backend:<12} {ref:<12} {same:>14}/{len(outs):<5} {prefix:>13}/{total:<6} {worst:>15.4f}")
 
 if __name__ == "__main__":
     main()

@@ -70,6 +70,13 @@ INIT: dict = {
     "qk_norm_weight": 3.0,
 }
 
+# For deep real configs (28+ layers): the gains above make a deep random network
+# chaotic (bf16 rounding flips the first greedy token between two correct
+# backends). Unit gains keep it stable; lm_head std 0.15 still gives logits of
+# std ~5 at hidden 1024, i.e. peaked next-token distributions.
+DEEP_INIT: dict = {**INIT, "embed_std": 0.15, "lm_head_std": 0.15, "o_gain": 1.0, "down_gain": 1.0,
+                   "qk_norm_weight": 1.0}
+
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
@@ -294,7 +301,7 @@ def _unused_ids(tok, vocab_size: int) -> list[int]:
     return sorted(bad) + list(range(n, vocab_size))
 
 
-def _weights(cfg: dict, unused_ids: list[int]) -> dict[str, torch.Tensor]:
+def _weights(cfg: dict, unused_ids: list[int], init: dict = INIT) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(SEED)
     h, inter = cfg["hidden_size"], cfg["intermediate_size"]
     hd, nq, nkv = cfg["head_dim"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
@@ -311,23 +318,23 @@ def _weights(cfg: dict, unused_ids: list[int]) -> dict[str, torch.Tensor]:
         return w
 
     ones = lambda n: torch.ones(n, dtype=torch.float32)  # noqa: E731
-    w: dict[str, torch.Tensor] = {"model.embed_tokens.weight": vocab_matrix(INIT["embed_std"])}
+    w: dict[str, torch.Tensor] = {"model.embed_tokens.weight": vocab_matrix(init["embed_std"])}
     for i in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{i}."
         w[p + "input_layernorm.weight"] = ones(h)
         w[p + "post_attention_layernorm.weight"] = ones(h)
-        w[p + "self_attn.q_proj.weight"] = linear(nq * hd, h, INIT["qkv_gain"])
-        w[p + "self_attn.k_proj.weight"] = linear(nkv * hd, h, INIT["qkv_gain"])
-        w[p + "self_attn.v_proj.weight"] = linear(nkv * hd, h, INIT["qkv_gain"])
-        w[p + "self_attn.o_proj.weight"] = linear(h, nq * hd, INIT["o_gain"])
-        w[p + "self_attn.q_norm.weight"] = ones(hd) * INIT["qk_norm_weight"]
-        w[p + "self_attn.k_norm.weight"] = ones(hd) * INIT["qk_norm_weight"]
-        w[p + "mlp.gate_proj.weight"] = linear(inter, h, INIT["up_gain"])
-        w[p + "mlp.up_proj.weight"] = linear(inter, h, INIT["up_gain"])
-        w[p + "mlp.down_proj.weight"] = linear(h, inter, INIT["down_gain"])
+        w[p + "self_attn.q_proj.weight"] = linear(nq * hd, h, init["qkv_gain"])
+        w[p + "self_attn.k_proj.weight"] = linear(nkv * hd, h, init["qkv_gain"])
+        w[p + "self_attn.v_proj.weight"] = linear(nkv * hd, h, init["qkv_gain"])
+        w[p + "self_attn.o_proj.weight"] = linear(h, nq * hd, init["o_gain"])
+        w[p + "self_attn.q_norm.weight"] = ones(hd) * init["qk_norm_weight"]
+        w[p + "self_attn.k_norm.weight"] = ones(hd) * init["qk_norm_weight"]
+        w[p + "mlp.gate_proj.weight"] = linear(inter, h, init["up_gain"])
+        w[p + "mlp.up_proj.weight"] = linear(inter, h, init["up_gain"])
+        w[p + "mlp.down_proj.weight"] = linear(h, inter, init["down_gain"])
     w["model.norm.weight"] = ones(h)
     # Drawn even when tied, so tied/untied share every other tensor.
-    lm_head = vocab_matrix(INIT["lm_head_std"])
+    lm_head = vocab_matrix(init["lm_head_std"])
     if not cfg["tie_word_embeddings"]:
         w["lm_head.weight"] = lm_head
     return w
@@ -386,7 +393,7 @@ def write_random_checkpoint(config_dir: str | os.PathLike, out_dir: str | os.Pat
         return out
     out.mkdir(parents=True, exist_ok=True)
     cfg = json.loads((pathlib.Path(config_dir) / "config.json").read_text())
-    weights = {k: v.to(dtype) for k, v in _weights(cfg, unused_ids=[]).items()}
+    weights = {k: v.to(dtype) for k, v in _weights(cfg, unused_ids=[], init=DEEP_INIT).items()}
     save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
     shutil.copy(pathlib.Path(config_dir) / "config.json", out / "config.json")
     (out / MARKER).write_text("random\n")
