@@ -1,0 +1,163 @@
+"""End to end with `vllm-cascade serve ... --attention-backend cascade` (vLLM's own CLI).
+
+Starts the OpenAI-compatible server on 127.0.0.1 (vLLM's default compilation
+mode, unlike the eager `LLM` tests), sends a completion and a chat
+completion, compares the greedy tokens with vLLM's CPU_ATTN backend run
+offline, stops the server with SIGINT and checks, from the counters written
+inside the worker, that CASCADE served the requests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import requests
+from conftest import STATS_ENV, assert_plugin_ran
+
+HOST = "127.0.0.1"
+START_TIMEOUT_S = 240
+STOP_TIMEOUT_S = 60
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def tail(path, n: int = 60) -> str:
+    with open(path, errors="replace") as f:
+        return "".join(f.readlines()[-n:])
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model, tmp_path_factory):
+    """The running server: (base url, Popen, stats dir, log path). Always killed at the end."""
+    work = tmp_path_factory.mktemp("server")
+    stats_dir = work / "stats"
+    stats_dir.mkdir()
+    log_path = work / "server.log"
+    port = free_port()
+    cmd = [
+        sys.executable, "-m", "vllm_cascade.entrypoints.cli", "serve", str(tiny_model),
+        "--attention-backend", "cascade",
+        "--host", HOST, "--port", str(port),
+        "--dtype", "float32", "--max-model-len", "1024",
+        "--block-size", "16", "--max-num-seqs", "8",  # default compilation: not eager
+        "--additional-config", json.dumps({"cascade": {"min_saved_pages": 1, "min_saved_fraction": 0.0}}),
+    ]  # fmt: skip
+    env = {**os.environ, STATS_ENV: str(stats_dir)}
+    log = open(log_path, "wb")
+    proc = subprocess.Popen(
+        cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True
+    )
+    url = f"http://{HOST}:{port}"
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"server exited with {proc.returncode} before /health answered:\n{tail(log_path)}")
+            with contextlib.suppress(requests.RequestException):
+                if requests.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            if time.monotonic() > deadline:
+                pytest.fail(f"/health did not answer within {START_TIMEOUT_S} s:\n{tail(log_path)}")
+            time.sleep(1)
+        yield url, proc, stats_dir, log_path
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # the engine core and worker too
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=10)
+        log.close()
+
+
+def post(url: str, route: str, body: dict) -> dict:
+    r = requests.post(f"{url}{route}", json=body, timeout=120)
+    assert r.status_code == 200, f"{route}: {r.status_code} {r.text[:2000]}"
+    return r.json()
+
+
+PROMPT = "The quick brown fox jumps over the lazy dog while the farmer"
+MESSAGES = [
+    {"role": "system", "content": "You are a helpful assistant."},
+    {"role": "user", "content": "Can you tell me a story about a brave mouse?"},
+]
+GREEDY = {"temperature": 0.0, "max_tokens": 8, "ignore_eos": True, "return_token_ids": True}
+
+
+def test_completion(server, reference_engine):
+    url, _, _, _ = server
+    body = post(url, "/v1/completions", {"model": server_model(url), "prompt": PROMPT, **GREEDY})
+    choice = body["choices"][0]
+    assert choice["text"].strip(), body
+    from vllm import SamplingParams
+
+    ref = reference_engine.llm.generate(
+        [PROMPT], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True), use_tqdm=False
+    )[0]
+    assert choice["prompt_token_ids"] == list(ref.prompt_token_ids)
+    assert choice["token_ids"] == list(ref.outputs[0].token_ids), (choice, ref.outputs[0])
+    assert choice["text"] == ref.outputs[0].text
+
+
+def test_chat_completion(server, reference_engine):
+    url, _, _, _ = server
+    body = post(url, "/v1/chat/completions", {"model": server_model(url), "messages": MESSAGES, **GREEDY})
+    choice = body["choices"][0]
+    assert choice["message"]["content"].strip(), body
+    from vllm import SamplingParams
+
+    ref = reference_engine.llm.chat(
+        MESSAGES, SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True), use_tqdm=False
+    )[0]
+    assert body["prompt_token_ids"] == list(ref.prompt_token_ids)
+    assert choice["token_ids"] == list(ref.outputs[0].token_ids), (choice, ref.outputs[0])
+
+
+def test_sigint_stops_server_and_cascade_ran_in_worker(server):
+    url, proc, stats_dir, log_path = server
+    from vllm_cascade.stats import read_stats_dir
+
+    post(url, "/v1/completions", {"model": server_model(url), "prompt": PROMPT, **GREEDY})
+    stats = read_stats_dir(str(stats_dir))
+    assert_plugin_ran(stats, main_pid=proc.pid)
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=STOP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"server still running {STOP_TIMEOUT_S} s after SIGINT:\n{tail(log_path)}")
+    # Its engine processes are gone too (no process left in its group).
+    deadline = time.monotonic() + 15
+    while _group_alive(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not _group_alive(proc.pid), f"processes of the server's group outlived it:\n{tail(log_path)}"
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+_MODEL_IDS: dict[str, str] = {}
+
+
+def server_model(url: str) -> str:
+    if url not in _MODEL_IDS:
+        r = requests.get(f"{url}/v1/models", timeout=10)
+        assert r.status_code == 200, r.text
+        _MODEL_IDS[url] = r.json()["data"][0]["id"]
+    return _MODEL_IDS[url]
