@@ -14,12 +14,11 @@ the same tolerance.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import subprocess
-import sys
 import tempfile
+
+from harness import backend_arguments, run_per_backend
 
 BACKENDS = ["FLASH_ATTN", "FLASHINFER", "CASCADE"]
 
@@ -51,9 +50,8 @@ def run_one(args) -> None:
         for o in outs:
             c = o.outputs[0]
             result.append({"ids": list(c.token_ids), "lps": [lp[t].logprob for t, lp in zip(c.token_ids, c.logprobs)]})
-    from vllm_cascade.stats import STATS
-
-    json.dump({"outputs": result, "stats_in_api_process": STATS.snapshot()}, open(args.out, "w"))
+    with open(args.out, "w") as f:
+        json.dump({"outputs": result}, f)
 
 
 def compare(a: list[dict], b: list[dict]) -> tuple[int, int, float]:
@@ -68,12 +66,8 @@ def compare(a: list[dict], b: list[dict]) -> tuple[int, int, float]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default=".models/qwen3-0.6b")
+    ap = backend_arguments(__doc__.splitlines()[0], BACKENDS)
     ap.add_argument("--tokens", type=int, default=64)
-    ap.add_argument("--backend")
-    ap.add_argument("--out")
-    ap.add_argument("--log-dir", default=os.environ.get("OUT", tempfile.gettempdir()))
     args = ap.parse_args()
     if args.backend:
         return run_one(args)
@@ -81,22 +75,10 @@ def main() -> None:
 
     weights_dir = os.path.join(tempfile.gettempdir(), "vllm-cascade-random", os.path.basename(args.model.rstrip("/")))
     args.model = str(write_random_checkpoint(args.model, weights_dir))
-    results = {}
-    stats_dir = tempfile.mkdtemp()
-    for backend in BACKENDS:
-        out = os.path.join(args.log_dir, f"check-{backend}.json")
-        log = open(os.path.join(args.log_dir, f"check-{backend}.log"), "w")
-        env = dict(os.environ, VLLM_CASCADE_STATS_DIR=stats_dir)
-        cmd = [sys.executable, __file__, "--model", args.model, "--tokens", str(args.tokens), "--backend", backend,
-               "--out", out]
-        rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
-        if rc:
-            print(f"{backend}: failed (rc {rc}), see {log.name}")
-            continue
-        results[backend] = json.load(open(out))["outputs"]
-    from vllm_cascade.stats import read_stats_dir
-
-    print("worker stats:", read_stats_dir(stats_dir))
+    child = ["--model", args.model, "--tokens", str(args.tokens)]
+    found, stats = run_per_backend(__file__, child, args.backends.split(","), "check", args.log_dir)
+    results = {backend: r["outputs"] for backend, r in found.items()}
+    print("CASCADE worker stats:", stats)
     total = sum(len(o["ids"]) for o in next(iter(results.values()), []))
     print(f"\n{'backend':<12} {'vs':<12} {'identical requests':>20} {'equal-prefix tokens':>20} {'max |dlogprob|':>15}")
     for ref in ("FLASH_ATTN", "FLASHINFER"):
@@ -104,6 +86,7 @@ def main() -> None:
             if backend != ref and ref in results:
                 same, prefix, worst = compare(results[ref], outs)
                 print(f"{backend:<12} {ref:<12} {same:>14}/{len(outs):<5} {prefix:>13}/{total:<6} {worst:>15.4f}")
+
 
 if __name__ == "__main__":
     main()

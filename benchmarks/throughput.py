@@ -10,14 +10,11 @@ fresh tails; output tokens per second of the timed run. Qwen3 config with
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import random
-import subprocess
-import sys
-import tempfile
 import time
+
+from harness import backend_arguments, run_per_backend
 
 BACKENDS = ["FLASH_ATTN", "FLASHINFER", "CASCADE"]
 VOCAB = 150_000
@@ -60,35 +57,19 @@ def run_backend(args) -> None:
         n_out = sum(len(o.outputs[0].token_ids) for o in outs)
         results[name] = {"seconds": dt, "output_tokens": n_out, "tok_per_s": n_out / dt}
         print(name, results[name], flush=True)
-    json.dump(results, open(args.out, "w"))
+    with open(args.out, "w") as f:
+        json.dump(results, f)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default=".models/qwen3-0.6b")
+    ap = backend_arguments(__doc__.splitlines()[0], BACKENDS)
     ap.add_argument("--workloads", default="shared,groups,single,nosharing")
-    ap.add_argument("--backends", default=",".join(BACKENDS))
-    ap.add_argument("--backend")
-    ap.add_argument("--out")
-    ap.add_argument("--log-dir", default=os.environ.get("OUT", tempfile.gettempdir()))
     args = ap.parse_args()
     if args.backend:
         return run_backend(args)
-    stats_dir = tempfile.mkdtemp()
-    table = {}
-    for backend in args.backends.split(","):
-        out = os.path.join(args.log_dir, f"tput-{backend}.json")
-        with open(os.path.join(args.log_dir, f"tput-{backend}.log"), "w") as log:
-            cmd = [sys.executable, __file__, "--model", args.model, "--workloads", args.workloads,
-                   "--backend", backend, "--out", out]
-            env = dict(os.environ, VLLM_CASCADE_STATS_DIR=stats_dir)
-            if subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env).returncode:
-                print(f"{backend}: failed, see {log.name}")
-                continue
-        table[backend] = json.load(open(out))
-    from vllm_cascade.stats import read_stats_dir
-
-    print("cascade worker stats:", read_stats_dir(stats_dir))
+    child = ["--model", args.model, "--workloads", args.workloads]
+    table, stats = run_per_backend(__file__, child, args.backends.split(","), "tput", args.log_dir)
+    print("CASCADE worker stats:", stats)
     print(f"\n{'workload':<10} " + " ".join(f"{b:>11}" for b in table) + "   cascade/best-stock")
     for name in args.workloads.split(","):
         row = {b: table[b][name]["tok_per_s"] for b in table if name in table[b]}

@@ -1,0 +1,47 @@
+"""Run one benchmark script once per attention backend, each in its own process.
+
+A GPU engine holds most of the GPU's memory until its process exits, so every
+backend gets a fresh process: `script ... --backend B --out FILE`. The child
+writes its result as JSON to FILE and its log next to it; CASCADE's workers
+write their counters to a shared stats directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+from vllm_cascade.stats import STATS_DIR_ENV, read_stats_dir, summarize
+
+
+def backend_arguments(description: str, backends: list[str]) -> argparse.ArgumentParser:
+    """The options every per-backend script takes (`--backend` and `--out` are the child's)."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--model", default=".models/qwen3-0.6b", help="folder with a Qwen3 config.json")
+    ap.add_argument("--backends", default=",".join(backends))
+    ap.add_argument("--log-dir", default=os.environ.get("OUT", tempfile.gettempdir()))
+    ap.add_argument("--backend", help=argparse.SUPPRESS)
+    ap.add_argument("--out", help=argparse.SUPPRESS)
+    return ap
+
+
+def run_per_backend(script: str, child_args: list[str], backends: list[str], tag: str, log_dir: str
+                    ) -> tuple[dict[str, object], dict]:
+    """-> ({backend: the child's JSON result}, summed CASCADE worker stats). Failed backends are left out."""
+    stats_dir = tempfile.mkdtemp()
+    results = {}
+    for backend in backends:
+        out = os.path.join(log_dir, f"{tag}-{backend}.json")
+        with open(os.path.join(log_dir, f"{tag}-{backend}.log"), "w") as log:
+            cmd = [sys.executable, script, *child_args, "--backend", backend, "--out", out]
+            env = dict(os.environ, **{STATS_DIR_ENV: stats_dir, "CASCADE_STATS_INTERVAL_S": "0"})
+            if subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env).returncode:
+                print(f"{backend}: failed, see {log.name}")
+                continue
+        with open(out) as f:
+            results[backend] = json.load(f)
+    return results, summarize(read_stats_dir(stats_dir))
