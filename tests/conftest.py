@@ -24,8 +24,10 @@ import pytest
 # Before vLLM is imported anywhere: no hub, and the CPU KV cache needs a size.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+# Workers write their counters after every step, so tests read them at once.
+os.environ.setdefault("CASCADE_STATS_INTERVAL_S", "0")
 
-STATS_ENV = "VLLM_CASCADE_STATS_DIR"
+STATS_ENV = "CASCADE_STATS_DIR"
 
 # Any shared page makes a step cascade (the defaults want 64 saved pages).
 AGGRESSIVE_CASCADE = {"cascade": {"min_saved_pages": 1, "min_saved_fraction": 0.0}}
@@ -52,7 +54,7 @@ def pytest_configure(config):
 
 @contextlib.contextmanager
 def stats_env(stats_dir: str | os.PathLike) -> Iterator[None]:
-    """Set VLLM_CASCADE_STATS_DIR while engine processes are spawned (they inherit it)."""
+    """Set CASCADE_STATS_DIR while engine processes are spawned (they inherit it)."""
     old = os.environ.get(STATS_ENV)
     os.environ[STATS_ENV] = str(stats_dir)
     try:

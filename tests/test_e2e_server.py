@@ -123,6 +123,34 @@ def test_chat_completion(server, reference_engine):
     assert choice["token_ids"] == list(ref.outputs[0].token_ids), (choice, ref.outputs[0])
 
 
+def metric(text: str, name: str, labels: str = "") -> float:
+    """The value of one sample in Prometheus text format (0 if absent)."""
+    sample = f"{name}{{{labels}}}" if labels else name
+    for line in text.splitlines():
+        if line.startswith(sample + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def test_metrics_show_cascade_levels_and_saved_bytes(server):
+    """Requests sharing a prefix cascade; /metrics (vLLM's own endpoint) shows it."""
+    url, _, stats_dir, _ = server
+    from vllm_cascade.stats import read_stats_dir, summarize
+
+    prefix = " ".join([PROMPT] * 8)  # several 16-token pages shared by all four prompts
+    prompts = [f"{prefix} and then number {i} said" for i in range(4)]
+    post(url, "/v1/completions", {"model": server_model(url), "prompt": prompts, **GREEDY, "max_tokens": 16})
+    text = requests.get(f"{url}/metrics", timeout=30).text
+    files = summarize(read_stats_dir(str(stats_dir)))
+    assert metric(text, "vllm:cascade_steps_total") == files["steps"] > 0
+    assert sum(metric(text, "vllm:cascade_steps_by_levels_total", f'levels="{n}"') for n in (2, 3)) > 0, text
+    assert metric(text, "vllm:cascade_level_pages_total", 'level="0"') > 0
+    assert metric(text, "vllm:cascade_layer_calls_total", 'path="torch"') > 0
+    read, flat = metric(text, "vllm:cascade_kv_bytes_read_total"), metric(text, "vllm:cascade_kv_bytes_flat_total")
+    assert 0 < read < flat and metric(text, "vllm:cascade_kv_bytes_saved_total") == flat - read
+    assert "vllm:num_requests_running" in text  # the same endpoint as vLLM's own metrics
+
+
 def test_sigint_stops_server_and_cascade_ran_in_worker(server):
     url, proc, stats_dir, log_path = server
     from vllm_cascade.stats import read_stats_dir

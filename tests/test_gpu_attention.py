@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 import torch
-
 from sharing import random_batch
+
 from vllm_cascade.attention.plan import plan_cascade
 from vllm_cascade.ops.torch_attention import cascade_attention
 

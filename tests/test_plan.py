@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
-
 from sharing import random_batch
+
 from vllm_cascade.attention.plan import plan_cascade
 
 

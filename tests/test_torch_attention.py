@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 import torch
-
 from sharing import random_batch
+
 from vllm_cascade.attention.plan import flat_plan, plan_cascade
 from vllm_cascade.ops.torch_attention import cascade_attention, write_kv
 

@@ -3,7 +3,7 @@
     vllm serve MODEL --attention-backend cascade \\
         --additional-config '{"cascade": {"max_cascade_levels": 2}}'
 
-Environment variables (`VLLM_CASCADE_<NAME>` in upper case) fill in what the
+Environment variables (`CASCADE_<NAME>` in upper case) fill in what the
 vLLM config leaves out, so worker processes and `vllm serve` see one value.
 """
 
@@ -12,6 +12,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, fields
 from typing import Any
+
+SUPPORTED_HEAD_SIZES = [64, 128, 256]  # what the FlashInfer path is built for; the CPU path keeps parity
 
 
 @dataclass(frozen=True)
@@ -30,13 +32,26 @@ class CascadeConfig:
             raise ValueError(f"unknown cascade settings {sorted(unknown)}; known: {[f.name for f in fields(cls)]}")
         values: dict[str, Any] = {}
         for f in fields(cls):
-            raw = given.get(f.name, os.environ.get(f"VLLM_CASCADE_{f.name.upper()}"))
+            raw = given.get(f.name, os.environ.get(f"CASCADE_{f.name.upper()}"))
             if raw is not None:
                 values[f.name] = _parse(raw, type(f.default))
         config = cls(**values)
         if config.max_cascade_levels < 1:
             raise ValueError("max_cascade_levels must be >= 1")
         return config
+
+    @classmethod
+    def validate(cls, vllm_config: Any) -> "CascadeConfig":
+        """Everything about a CASCADE run that can be checked before any process starts."""
+        model_config = getattr(vllm_config, "model_config", None)
+        if model_config is not None:
+            head_size = model_config.get_head_size()
+            if head_size not in SUPPORTED_HEAD_SIZES:
+                raise ValueError(
+                    f"Selected backend CASCADE is not valid for this configuration: head_size not supported "
+                    f"(the model's head size is {head_size}; CASCADE supports {SUPPORTED_HEAD_SIZES})."
+                )
+        return cls.from_vllm(vllm_config)
 
 
 def _parse(raw: Any, kind: type) -> Any:

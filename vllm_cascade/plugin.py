@@ -3,7 +3,9 @@
 - `register_early` (group `vllm.platform_plugins`) runs when vLLM first resolves
   its platform, before a spawned engine process unpickles its config, which
   names the CASCADE enum member. It returns None: it provides no platform.
-- `register` (group `vllm.general_plugins`) runs before any model is built.
+- `register` (group `vllm.general_plugins`) runs before any model is built:
+  CPU backend selection, config-time checks, this run's stats directory
+  (inherited by the processes vLLM spawns later) and the /metrics collector.
 """
 
 from __future__ import annotations
@@ -17,7 +19,10 @@ def register_early() -> None:
 
 
 def register() -> None:
-    from vllm_cascade import vllm_compat
+    from vllm_cascade import metrics, stats, vllm_compat
 
     vllm_compat.register_backend_name()
     vllm_compat.make_cpu_platform_honour_selection()
+    vllm_compat.check_cascade_settings_at_config_time()
+    stats.ensure_stats_dir()
+    metrics.register_collector()

@@ -1,17 +1,35 @@
-"""Counters of what the cascade backend did in this process.
+"""Counters of what the cascade backend did, per process, and their sum over a run.
 
-Updated once per step by the metadata builder and once per layer call by the
-impl (a Python integer add). With `VLLM_CASCADE_STATS_DIR` set, each process
-also writes its counters to `<dir>/attention-<pid>.json` after every step, so
-that tests (and people) can see what ran inside worker processes.
+Workers update `STATS` once per step (the metadata builder) and once per layer
+call (the impl; a Python integer add). Each worker writes its counters to
+`$CASCADE_STATS_DIR/attention-<pid>.json`, at most once per
+`CASCADE_STATS_INTERVAL_S` seconds (default 1). The plugin gives every vLLM run
+a fresh directory (spawned engine and worker processes inherit the variable),
+so the front process (API server, `LLM`) can sum them: `/metrics` through
+`vllm_cascade.metrics`, Python through `get_stats()`.
+
+Example:
+    >>> s = AttentionStats()
+    >>> s.record_step(num_levels=2, level_pages=[10, 3], level_queries=[8, 8], flat_pages=80, page_bytes=1024)
+    >>> summarize([s.snapshot()])["kv_bytes_saved"]
+    68608
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
+import tempfile
+import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
+
+STATS_DIR_ENV = "CASCADE_STATS_DIR"
+INTERVAL_ENV = "CASCADE_STATS_INTERVAL_S"
+_COUNTERS = ("steps", "cascade_steps", "layer_calls", "pages_read", "flat_pages_read", "kv_bytes_read",
+             "kv_bytes_flat")
 
 
 @dataclass
@@ -19,39 +37,66 @@ class AttentionStats:
     steps: int = 0  # metadata builds (one per step and KV-cache group)
     cascade_steps: int = 0  # of which ran more than one level
     layer_calls: int = 0  # attention forward calls that computed something
-    pages_read: int = 0  # KV pages read per layer, summed over steps
+    pages_read: int = 0  # KV pages one layer reads, summed over steps
     flat_pages_read: int = 0  # what flat attention would have read
+    kv_bytes_read: int = 0  # KV bytes read over all layers of the group
+    kv_bytes_flat: int = 0  # what flat attention would have read
     levels: Counter = field(default_factory=Counter)  # steps by number of levels
+    level_pages: Counter = field(default_factory=Counter)  # pages read per level ("0", "1", ..., "own")
+    level_queries: Counter = field(default_factory=Counter)  # query tokens attending each level
     paths: Counter = field(default_factory=Counter)  # layer calls by kernel path
+    _last_dump: float = field(default=0.0, repr=False)
 
-    def record_step(self, num_levels: int, pages_read: int, flat_pages_read: int) -> None:
+    def record_step(
+        self, num_levels: int, level_pages: list[int], level_queries: list[int], flat_pages: int, page_bytes: int
+    ) -> None:
+        """One step's plan; `level_*` lists end with the own level; `page_bytes` covers all layers."""
+        pages = sum(level_pages)
         self.steps += 1
         self.cascade_steps += num_levels > 1
-        self.pages_read += pages_read
-        self.flat_pages_read += flat_pages_read
-        self.levels[num_levels] += 1
-        _dump(self)
+        self.pages_read += pages
+        self.flat_pages_read += flat_pages
+        self.kv_bytes_read += pages * page_bytes
+        self.kv_bytes_flat += flat_pages * page_bytes
+        self.levels[str(num_levels)] += 1
+        names = [str(i) for i in range(len(level_pages) - 1)] + ["own"]
+        self.level_pages.update(dict(zip(names, level_pages)))
+        self.level_queries.update(dict(zip(names, level_queries)))
+        self.maybe_dump()
 
     def snapshot(self) -> dict:
-        data = asdict(self)
-        data["levels"] = {str(k): v for k, v in self.levels.items()}
-        data["paths"] = dict(self.paths)
+        data = {k: getattr(self, k) for k in _COUNTERS}
+        for k in ("levels", "level_pages", "level_queries", "paths"):
+            data[k] = dict(getattr(self, k))
         data["pid"] = os.getpid()
         return data
 
+    def maybe_dump(self, force: bool = False) -> None:
+        out_dir = os.environ.get(STATS_DIR_ENV)
+        now = time.monotonic()
+        if not out_dir or (not force and now - self._last_dump < float(os.environ.get(INTERVAL_ENV, "1"))):
+            return
+        self._last_dump = now
+        path = os.path.join(out_dir, f"attention-{os.getpid()}.json")
+        try:
+            with open(f"{path}.tmp", "w") as f:
+                json.dump(self.snapshot(), f)
+            os.replace(f"{path}.tmp", path)
+        except OSError:
+            pass  # the run's directory is gone (its front process exited): nothing to report to
+
 
 STATS = AttentionStats()
+atexit.register(STATS.maybe_dump, force=True)
 
 
-def _dump(stats: AttentionStats) -> None:
-    out_dir = os.environ.get("VLLM_CASCADE_STATS_DIR")
-    if not out_dir:
-        return
-    path = os.path.join(out_dir, f"attention-{os.getpid()}.json")
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(stats.snapshot(), f)
-    os.replace(tmp, path)
+def ensure_stats_dir() -> str:
+    """This run's stats directory: inherited, or made now (and removed at exit) by the front process."""
+    if not os.environ.get(STATS_DIR_ENV):
+        made = tempfile.mkdtemp(prefix="vllm-cascade-stats-")
+        os.environ[STATS_DIR_ENV] = made
+        atexit.register(shutil.rmtree, made, ignore_errors=True)
+    return os.environ[STATS_DIR_ENV]
 
 
 def read_stats_dir(out_dir: str) -> list[dict]:
@@ -59,6 +104,29 @@ def read_stats_dir(out_dir: str) -> list[dict]:
     found = []
     for name in sorted(os.listdir(out_dir)):
         if name.startswith("attention-") and name.endswith(".json"):
-            with open(os.path.join(out_dir, name)) as f:
-                found.append(json.load(f))
+            try:
+                with open(os.path.join(out_dir, name)) as f:
+                    found.append(json.load(f))
+            except (OSError, ValueError):
+                continue  # replaced while we read it
     return found
+
+
+def summarize(per_process: list[dict]) -> dict:
+    """Sum per-process counters; adds kv_bytes_saved."""
+    total: dict = {k: sum(p.get(k, 0) for p in per_process) for k in _COUNTERS}
+    for k in ("levels", "level_pages", "level_queries", "paths"):
+        total[k] = dict(sum((Counter(p.get(k, {})) for p in per_process), Counter()))
+    total["kv_bytes_saved"] = total["kv_bytes_flat"] - total["kv_bytes_read"]
+    total["processes"] = len(per_process)
+    return total
+
+
+def get_stats() -> dict:
+    """What the cascade backend did in this run (all worker processes), e.g. after `LLM.generate`.
+
+    Workers write at most once per CASCADE_STATS_INTERVAL_S seconds, so the
+    last second of work may not be counted yet.
+    """
+    out_dir = os.environ.get(STATS_DIR_ENV)
+    return summarize(read_stats_dir(out_dir) if out_dir and os.path.isdir(out_dir) else [])

@@ -6,6 +6,9 @@ Porting to another vLLM version starts and, ideally, ends here. What is used:
   member to `AttentionBackendEnum`, which `--attention-backend` parses.
 - `vllm.platforms.cpu.CpuPlatform.get_attn_backend_cls`: ignores any
   selection but its own; wrapped so that CASCADE is honoured (and validated).
+- `Platform.check_and_update_config` of the current platform: wrapped so that
+  a CASCADE run's settings are checked in the front process, before any
+  engine process starts (otherwise errors surface late, in a worker's log).
 
 The attention backend itself (attention/backend.py) implements vLLM's public
 backend interface (`vllm.v1.attention.backend`) and reads the KV cache as
@@ -40,6 +43,9 @@ def make_cpu_platform_honour_selection() -> None:
 
     def get_attn_backend_cls(cls, selected_backend, attn_selector_config, num_heads=None):
         if selected_backend is not None and selected_backend.name == BACKEND_NAME:
+            from vllm.logger import init_logger
+
+            init_logger(__name__).info_once("Using %s attention backend (vllm-cascade).", BACKEND_NAME)
             return validated_backend_path(selected_backend, attn_selector_config, None)
         return original.__func__(cls, selected_backend, attn_selector_config, num_heads)
 
@@ -58,3 +64,24 @@ def validated_backend_path(selected_backend: Any, attn_selector_config: Any, dev
             f"Selected backend {selected_backend} is not valid for this configuration. Reason: {reasons}"
         )
     return selected_backend.get_path()
+
+
+def check_cascade_settings_at_config_time() -> None:
+    """Validate CASCADE runs when vLLM builds its config (front process)."""
+    from vllm.platforms import current_platform
+
+    from vllm_cascade.config import CascadeConfig
+
+    platform_cls = type(current_platform)
+    original = platform_cls.check_and_update_config
+    if getattr(original, "_cascade_wrapped", False):
+        return
+
+    def check_and_update_config(cls, vllm_config):
+        original.__func__(cls, vllm_config)
+        backend = vllm_config.attention_config.backend
+        if backend is not None and backend.name == BACKEND_NAME:
+            CascadeConfig.validate(vllm_config)
+
+    check_and_update_config._cascade_wrapped = True  # type: ignore[attr-defined]
+    platform_cls.check_and_update_config = classmethod(check_and_update_config)  # type: ignore[method-assign]

@@ -32,14 +32,13 @@ from vllm.v1.kv_cache_layout import KVCacheLayout
 
 from vllm_cascade import BACKEND_NAME
 from vllm_cascade.attention.plan import CascadePlan, flat_plan, plan_cascade
-from vllm_cascade.config import CascadeConfig
+from vllm_cascade.config import SUPPORTED_HEAD_SIZES, CascadeConfig
 from vllm_cascade.ops import torch_attention
 from vllm_cascade.stats import STATS
 
 if TYPE_CHECKING:
     from vllm_cascade.ops.flashinfer_attention import FlashInferCascade
 
-SUPPORTED_HEAD_SIZES = [64, 128, 256]  # what the FlashInfer path is built for; CPU keeps parity
 
 
 class CascadeBackend(AttentionBackend):
@@ -94,6 +93,7 @@ class CascadeMetadataBuilder(AttentionMetadataBuilder[CascadeMetadata]):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self.config = CascadeConfig.from_vllm(vllm_config)
         self.page_size = kv_cache_spec.block_size
+        self.group_page_bytes = kv_cache_spec.page_size_bytes * len(layer_names)  # one page, every layer
         self.kernel: FlashInferCascade | None = None
         if device.type == "cuda":
             from vllm_cascade.ops.flashinfer_attention import FlashInferCascade
@@ -135,7 +135,8 @@ class CascadeMetadataBuilder(AttentionMetadataBuilder[CascadeMetadata]):
                 self.config.min_saved_pages,
                 self.config.min_saved_fraction,
             )
-        STATS.record_step(plan.num_levels, plan.pages_read, plan.flat_pages_read)
+        level_pages, level_queries = plan.level_summary(query_lens)
+        STATS.record_step(plan.num_levels, level_pages, level_queries, plan.flat_pages_read, self.group_page_bytes)
         if self.kernel is not None:
             self.kernel.plan(plan, block_table, host_table, seq_lens, query_start_loc)
         return CascadeMetadata(

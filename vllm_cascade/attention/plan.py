@@ -64,6 +64,12 @@ class CascadePlan:
     def is_flat(self) -> bool:
         return not self.shared
 
+    def level_summary(self, query_lens: np.ndarray) -> tuple[list[int], list[int]]:
+        """(pages read, query tokens) per level, shared levels first, the own level last."""
+        pages = [sum(len(s.pages) for s in lvl) for lvl in self.shared]
+        queries = [int(sum(query_lens[s.rows].sum() for s in lvl)) for lvl in self.shared]
+        return pages + [self.pages_read - sum(pages)], queries + [int(query_lens.sum())]
+
 
 def flat_plan(seq_lens: np.ndarray, block_size: int) -> CascadePlan:
     pages = int(_num_pages(seq_lens, block_size).sum())

@@ -235,7 +235,7 @@ def spec_hash(tie_word_embeddings: bool = True) -> str:
 
 
 def default_cache_dir() -> pathlib.Path:
-    env = os.environ.get("VLLM_CASCADE_CACHE")
+    env = os.environ.get("CASCADE_CACHE")
     return pathlib.Path(env) if env else pathlib.Path.home() / ".cache" / "vllm_cascade"
 
 
@@ -405,7 +405,7 @@ def build_tiny_qwen3(
 ) -> pathlib.Path:
     """Build (or reuse) the tiny Qwen3 folder and return its path.
 
-    ``out_dir=None`` uses ``$VLLM_CASCADE_CACHE`` (default ``~/.cache/vllm_cascade``)
+    ``out_dir=None`` uses ``$CASCADE_CACHE`` (default ``~/.cache/vllm_cascade``)
     / ``tiny-qwen3-<spec hash[:12]>``. A folder is reused only if its marker file
     holds the same spec hash. Files are written to a sibling temp dir that is
     renamed into place, so concurrent builders never see a partial model.
