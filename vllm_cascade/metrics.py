@@ -1,0 +1,60 @@
+"""Prometheus metrics of the cascade backend, served by vLLM's own `/metrics`.
+
+The counters are made in worker processes (see stats.py); this collector runs
+in the API server and sums what the workers wrote, at scrape time. vLLM's
+`/metrics` reads prometheus_client's default registry, where the plugin
+registers the collector (with `--api-server-count > 1` vLLM switches to a
+multiprocess registry and these metrics are not exported).
+
+    vllm:cascade_steps_total                      steps planned
+    vllm:cascade_steps_by_levels_total{levels}    steps by number of levels
+    vllm:cascade_kv_bytes_read_total              KV bytes attention read
+    vllm:cascade_kv_bytes_flat_total              what flat attention would read
+    vllm:cascade_kv_bytes_saved_total             the difference
+    vllm:cascade_level_pages_total{level}         KV pages read per level (0, 1, ..., own)
+    vllm:cascade_level_queries_total{level}       query tokens that attended each level
+    vllm:cascade_layer_calls_total{path}          attention calls by kernel path
+"""
+
+from __future__ import annotations
+
+from vllm_cascade.stats import get_stats
+
+_registered = False
+
+
+class CascadeCollector:
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily
+
+        stats = get_stats()
+
+        def counter(name: str, doc: str, value: float | None = None, label: str | None = None,
+                    values: dict | None = None) -> CounterMetricFamily:
+            family = CounterMetricFamily(f"vllm:cascade_{name}", doc, labels=[label] if label else None)
+            if label:
+                for key, v in sorted((values or {}).items()):
+                    family.add_metric([key], v)
+            else:
+                family.add_metric([], value)
+            return family
+
+        yield counter("steps", "Attention steps planned by the cascade backend.", stats["steps"])
+        yield counter("steps_by_levels", "Steps by number of cascade levels.", label="levels", values=stats["levels"])
+        yield counter("kv_bytes_read", "KV cache bytes read by attention.", stats["kv_bytes_read"])
+        yield counter("kv_bytes_flat", "KV cache bytes flat attention would have read.", stats["kv_bytes_flat"])
+        yield counter("kv_bytes_saved", "KV cache bytes not read thanks to cascade levels.", stats["kv_bytes_saved"])
+        yield counter("level_pages", "KV pages read per level, per layer.", label="level", values=stats["level_pages"])
+        yield counter("level_queries", "Query tokens that attended each level.", label="level",
+                      values=stats["level_queries"])
+        yield counter("layer_calls", "Attention layer calls by kernel path.", label="path", values=stats["paths"])
+
+
+def register_collector() -> None:
+    global _registered
+    if _registered:
+        return
+    from prometheus_client import REGISTRY
+
+    REGISTRY.register(CascadeCollector())
+    _registered = True
