@@ -1,0 +1,191 @@
+"""Fused cascade attention in Triton: every level in one launch, one merge launch.
+
+`cascade_partials` runs a program per (work item, KV head) of a WorkList
+(attention/worklist.py): one tile of query tokens (all G query heads of the KV
+head) against one run of KV pages, online softmax in base 2, and writes the
+tile's normalized output and log2-sum-exp. `merge_partials` runs a program per
+(token, query head) and merges the token's partials exactly. Both grids can be
+sized for the largest step, with the real counts read from device memory, so
+the launches are capturable in a CUDA graph once the work list lives in
+persistent buffers.
+
+Runs under `TRITON_INTERPRET=1` on the CPU (that is how the tests check it
+without a GPU; set the variable before this module is imported).
+
+Example (see tests/test_triton_cascade.py for a complete, checked one):
+    q [T, Hq, D]; k_cache, v_cache [pages, Hkv, N, D]; block_table [rows, P] int32
+    wl = build_worklist(plan, seq_lens, qsl, N, tokens_per_item=BLOCK_M // G, pages_per_item=16)
+    cascade_attention_triton(q, k_cache, v_cache, block_table, to_device(wl, q.device), scale, out)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+
+from vllm_cascade.attention.worklist import WorkList
+
+BLOCK_M = 16  # query rows (tokens x G) per program
+BLOCK_N = 32  # keys per inner step
+
+
+@triton.jit
+def _partials_kernel(
+    Q, K, V, BT, O_PART, L_PART,
+    item_q_off, item_q_len, item_bt_row, item_page_start, item_kv_len, item_causal, num_items_ptr,
+    q_tokens, q_pos,
+    sm_scale_log2,
+    stride_qt, stride_qh, stride_kp, stride_kh, stride_kn, stride_bt,
+    G: tl.constexpr, PAGE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    w = tl.program_id(0)
+    h = tl.program_id(1)
+    num_kv_heads = tl.num_programs(1)
+    if w < tl.load(num_items_ptr):
+        q_off = tl.load(item_q_off + w)
+        q_len = tl.load(item_q_len + w)
+        bt_row = tl.load(item_bt_row + w).to(tl.int64)
+        page_start = tl.load(item_page_start + w)
+        kv_len = tl.load(item_kv_len + w)
+        causal = tl.load(item_causal + w)
+
+        m_rows = tl.arange(0, BLOCK_M)
+        local = m_rows // G
+        row_ok = local < q_len
+        tok = tl.load(q_tokens + q_off + local, mask=row_ok, other=0).to(tl.int64)
+        pos = tl.load(q_pos + tok, mask=row_ok, other=0)
+        d = tl.arange(0, HEAD_DIM)
+        head = h * G + m_rows % G
+        q = tl.load(Q + tok[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :], mask=row_ok[:, None],
+                    other=0.0)  # fmt: skip
+
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+        k_pos0 = page_start * PAGE
+        for start in range(0, kv_len, BLOCK_N):
+            n = start + tl.arange(0, BLOCK_N)
+            n_ok = n < kv_len
+            page = tl.load(BT + bt_row * stride_bt + page_start + n // PAGE, mask=n_ok, other=0).to(tl.int64)
+            kv_off = page * stride_kp + h * stride_kh + (n % PAGE) * stride_kn
+            k = tl.load(K + kv_off[:, None] + d[None, :], mask=n_ok[:, None], other=0.0)
+            s = tl.dot(q, tl.trans(k)).to(tl.float32) * sm_scale_log2
+            ok = row_ok[:, None] & n_ok[None, :] & ((causal == 0) | ((k_pos0 + n)[None, :] <= pos[:, None]))
+            s = tl.where(ok, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that saw no key yet
+            p = tl.exp2(s - m_ref[:, None])
+            alpha = tl.exp2(m_i - m_ref)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(V + kv_off[:, None] + d[None, :], mask=n_ok[:, None], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
+            m_i = m_new
+
+        seen = l_i > 0
+        lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
+        out = acc / tl.where(seen, l_i, 1.0)[:, None]
+        slot = (w * num_kv_heads + h) * BLOCK_M + m_rows
+        tl.store(L_PART + slot, lse)
+        tl.store(O_PART + slot[:, None] * HEAD_DIM + d[None, :], out)
+
+
+@triton.jit
+def _merge_kernel(
+    O_PART, L_PART, OUT, contrib_off, contrib_item, contrib_local, num_tokens_ptr,
+    stride_ot, stride_oh,
+    G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+):  # fmt: skip
+    t = tl.program_id(0)
+    hq = tl.program_id(1)
+    if t < tl.load(num_tokens_ptr):
+        h = hq // G
+        num_kv_heads = tl.num_programs(1) // G
+        d = tl.arange(0, HEAD_DIM)
+        m = tl.full([], float("-inf"), tl.float32)
+        l = tl.zeros([], tl.float32)  # noqa: E741
+        acc = tl.zeros([HEAD_DIM], tl.float32)
+        for c in range(tl.load(contrib_off + t), tl.load(contrib_off + t + 1)):
+            w = tl.load(contrib_item + c)
+            slot = (w * num_kv_heads + h) * BLOCK_M + tl.load(contrib_local + c) * G + hq % G
+            lse = tl.load(L_PART + slot)
+            m_new = tl.maximum(m, lse)
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+            old, new = tl.exp2(m - m_ref), tl.exp2(lse - m_ref)
+            acc = acc * old + tl.load(O_PART + slot * HEAD_DIM + d) * new
+            l = l * old + new  # noqa: E741
+            m = m_new
+        tl.store(OUT + t * stride_ot + hq * stride_oh + d, (acc / l).to(OUT.dtype.element_ty))
+
+
+def to_device(wl: WorkList, device: torch.device) -> dict[str, torch.Tensor]:
+    """The work list as int32 device tensors (a real engine copies into persistent buffers instead)."""
+    arrays = {name: getattr(wl, name) for name in WorkList.__dataclass_fields__}
+    tensors = {k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.int32)).to(device) for k, v in arrays.items()}
+    tensors["num_items"] = torch.tensor([wl.num_items], dtype=torch.int32, device=device)
+    tensors["num_tokens"] = torch.tensor([len(wl.q_pos)], dtype=torch.int32, device=device)
+    return tensors
+
+
+def cascade_attention_triton(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    wl: dict[str, torch.Tensor],
+    scale: float,
+    out: torch.Tensor,
+    max_items: int | None = None,
+    max_tokens: int | None = None,
+) -> None:
+    """q [T, Hq, D]; k/v caches [pages, Hkv, N, D] (same strides, last dim contiguous); out [T, Hq, D].
+
+    Grids are max_items x Hkv and max_tokens x Hq (default: this step's counts).
+    """
+    num_tokens, num_heads, head_dim = q.shape
+    num_kv_heads, page = k_cache.shape[1], k_cache.shape[2]
+    g = num_heads // num_kv_heads
+    assert k_cache.stride() == v_cache.stride() and k_cache.stride(3) == 1 and g <= BLOCK_M
+    max_items = max_items or len(wl["q_off"])
+    max_tokens = max_tokens or num_tokens
+    o_part = torch.empty(max_items * num_kv_heads * BLOCK_M, head_dim, dtype=torch.float32, device=q.device)
+    l_part = torch.empty(max_items * num_kv_heads * BLOCK_M, dtype=torch.float32, device=q.device)
+    _partials_kernel[(max_items, num_kv_heads)](
+        q, k_cache, v_cache, block_table, o_part, l_part,
+        wl["q_off"], wl["q_len"], wl["bt_row"], wl["page_start"], wl["kv_len"], wl["causal"], wl["num_items"],
+        wl["q_tokens"], wl["q_pos"],
+        scale * 1.4426950408889634,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_table.stride(0),
+        G=g, PAGE=page, HEAD_DIM=head_dim, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+    )  # fmt: skip
+    _merge_kernel[(max_tokens, num_heads)](
+        o_part, l_part, out, wl["contrib_off"], wl["contrib_item"], wl["contrib_local"], wl["num_tokens"],
+        out.stride(0), out.stride(1),
+        G=g, HEAD_DIM=head_dim, BLOCK_M=BLOCK_M,
+    )  # fmt: skip
+
+
+class TritonCascade:
+    """The fused path with the interface of FlashInferCascade: plan once per step, run per layer."""
+
+    name = "triton"
+
+    def __init__(self, num_qo_heads: int, num_kv_heads: int, page_size: int, scale: float,
+                 pages_per_item: int = 16) -> None:
+        self.group = num_qo_heads // num_kv_heads
+        self.page_size, self.scale, self.pages_per_item = page_size, scale, pages_per_item
+        self.worklist: dict[str, torch.Tensor] = {}
+        self.block_table: torch.Tensor | None = None
+
+    def plan(self, plan, block_table: torch.Tensor, block_table_host, seq_lens: np.ndarray,
+             query_start_loc: np.ndarray) -> None:
+        from vllm_cascade.attention.worklist import build_worklist
+
+        wl = build_worklist(plan, seq_lens, query_start_loc, self.page_size, BLOCK_M // self.group,
+                            self.pages_per_item)
+        self.worklist = to_device(wl, block_table.device)
+        self.block_table = block_table
+
+    def run(self, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor) -> None:
+        cascade_attention_triton(query, k_cache, v_cache, self.block_table, self.worklist, self.scale, out)
