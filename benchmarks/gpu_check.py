@@ -18,7 +18,7 @@ import json
 import os
 import tempfile
 
-from harness import backend_arguments, run_per_backend
+from harness import backend_arguments, engine_backend, run_per_backend
 
 BACKENDS = ["FLASH_ATTN", "FLASHINFER", "CASCADE"]
 
@@ -38,7 +38,7 @@ def run_one(args) -> None:
         model=args.model,
         skip_tokenizer_init=True,
         dtype="bfloat16",
-        attention_backend=args.backend,
+        **engine_backend(args.backend),
         max_model_len=4096,
         gpu_memory_utilization=0.6,
         seed=0,

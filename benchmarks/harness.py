@@ -29,6 +29,13 @@ def backend_arguments(description: str, backends: list[str]) -> argparse.Argumen
     return ap
 
 
+def engine_backend(label: str) -> dict:
+    """LLM kwargs for a backend label: a vLLM backend name, or CASCADE:<gpu_kernel>."""
+    name, _, kernel = label.partition(":")
+    extra = {"additional_config": {"cascade": {"gpu_kernel": kernel}}} if kernel else {}
+    return {"attention_backend": name, **extra}
+
+
 def run_per_backend(script: str, child_args: list[str], backends: list[str], tag: str, log_dir: str
                     ) -> tuple[dict[str, object], dict]:
     """-> ({backend: the child's JSON result}, summed CASCADE worker stats). Failed backends are left out."""

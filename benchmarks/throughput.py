@@ -6,6 +6,7 @@ fresh tails; output tokens per second of the timed run. Qwen3 config with
 `load_format="dummy"`, bf16, prefix caching on, greedy, `ignore_eos`.
 
     python benchmarks/throughput.py --model .models/qwen3-0.6b [--workloads shared,groups,single,nosharing]
+        [--backends FLASH_ATTN,FLASHINFER,CASCADE,CASCADE:triton]   # CASCADE:<gpu_kernel>
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import json
 import random
 import time
 
-from harness import backend_arguments, run_per_backend
+from harness import backend_arguments, engine_backend, run_per_backend
 
 BACKENDS = ["FLASH_ATTN", "FLASHINFER", "CASCADE"]
 VOCAB = 150_000
@@ -44,7 +45,7 @@ def run_backend(args) -> None:
     from vllm import LLM, SamplingParams
 
     llm = LLM(model=args.model, load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16",
-              attention_backend=args.backend, max_model_len=10240, enable_prefix_caching=True,
+              **engine_backend(args.backend), max_model_len=10240, enable_prefix_caching=True,
               gpu_memory_utilization=0.85, seed=0)
     results = {}
     for name in args.workloads.split(","):
@@ -70,13 +71,14 @@ def main() -> None:
     child = ["--model", args.model, "--workloads", args.workloads]
     table, stats = run_per_backend(__file__, child, args.backends.split(","), "tput", args.log_dir)
     print("CASCADE worker stats:", stats)
-    print(f"\n{'workload':<10} " + " ".join(f"{b:>11}" for b in table) + "   cascade/best-stock")
+    cascades = [b for b in table if b.startswith("CASCADE")]
+    print(f"\n{'workload':<10} " + " ".join(f"{b:>15}" for b in table)
+          + "".join(f"   {b + '/best stock':>22}" for b in cascades))
     for name in args.workloads.split(","):
         row = {b: table[b][name]["tok_per_s"] for b in table if name in table[b]}
-        stock = max((v for b, v in row.items() if b != "CASCADE"), default=None)
-        ratio = f"{row['CASCADE'] / stock:.2f}x" if stock and "CASCADE" in row else "-"
-        print(f"{name:<10} " + " ".join(f"{row.get(b, float('nan')):>11.0f}" for b in table) + f"   {ratio:>8}")
-
+        stock = max((v for b, v in row.items() if not b.startswith("CASCADE")), default=None)
+        ratios = "".join(f"   {row[b] / stock:>21.2f}x" if stock and b in row else f"   {'-':>22}" for b in cascades)
+        print(f"{name:<10} " + " ".join(f"{row.get(b, float('nan')):>15.0f}" for b in table) + ratios)
 
 if __name__ == "__main__":
     main()

@@ -22,6 +22,7 @@ class CascadeConfig:
     max_cascade_levels: int = 3  # shared levels + the own level
     min_saved_pages: int = 64  # a shared segment must save this many page reads
     min_saved_fraction: float = 0.1  # else the whole step runs flat
+    gpu_kernel: str = "flashinfer"  # "flashinfer": a wrapper per level; "triton": one fused launch + merge
 
     @classmethod
     def from_vllm(cls, vllm_config: Any) -> "CascadeConfig":
@@ -38,6 +39,8 @@ class CascadeConfig:
         config = cls(**values)
         if config.max_cascade_levels < 1:
             raise ValueError("max_cascade_levels must be >= 1")
+        if config.gpu_kernel not in ("flashinfer", "triton"):
+            raise ValueError(f"gpu_kernel must be 'flashinfer' or 'triton', not {config.gpu_kernel!r}")
         return config
 
     @classmethod

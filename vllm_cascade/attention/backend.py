@@ -38,6 +38,7 @@ from vllm_cascade.stats import STATS
 
 if TYPE_CHECKING:
     from vllm_cascade.ops.flashinfer_attention import FlashInferCascade
+    from vllm_cascade.ops.triton_cascade import TritonCascade
 
 
 
@@ -82,7 +83,7 @@ class CascadeMetadata:
     seq_lens: np.ndarray  # host [num_rows]
     block_table: torch.Tensor  # [num_rows, max_pages], on the KV cache's device
     plan: CascadePlan
-    kernel: "FlashInferCascade | None"  # the builder's GPU wrappers, planned for this step
+    kernel: "FlashInferCascade | TritonCascade | None"  # the builder's GPU path, planned for this step
 
 
 class CascadeMetadataBuilder(AttentionMetadataBuilder[CascadeMetadata]):
@@ -94,21 +95,26 @@ class CascadeMetadataBuilder(AttentionMetadataBuilder[CascadeMetadata]):
         self.config = CascadeConfig.from_vllm(vllm_config)
         self.page_size = kv_cache_spec.block_size
         self.group_page_bytes = kv_cache_spec.page_size_bytes * len(layer_names)  # one page, every layer
-        self.kernel: FlashInferCascade | None = None
+        self.kernel: FlashInferCascade | TritonCascade | None = None
         if device.type == "cuda":
-            from vllm_cascade.ops.flashinfer_attention import FlashInferCascade
-
             impl = _layer_impls(vllm_config, layer_names)[0]
-            self.kernel = FlashInferCascade(
-                device,
-                impl.num_heads,
-                impl.num_kv_heads,
-                impl.head_size,
-                self.page_size,
-                vllm_config.model_config.dtype,
-                impl.scale,
-                self.config.max_cascade_levels,
-            )
+            if self.config.gpu_kernel == "triton":
+                from vllm_cascade.ops.triton_cascade import TritonCascade
+
+                self.kernel = TritonCascade(impl.num_heads, impl.num_kv_heads, self.page_size, impl.scale)
+            else:
+                from vllm_cascade.ops.flashinfer_attention import FlashInferCascade
+
+                self.kernel = FlashInferCascade(
+                    device,
+                    impl.num_heads,
+                    impl.num_kv_heads,
+                    impl.head_size,
+                    self.page_size,
+                    vllm_config.model_config.dtype,
+                    impl.scale,
+                    self.config.max_cascade_levels,
+                )
 
     def build(
         self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata, fast_build: bool = False
@@ -211,7 +217,7 @@ class CascadeImpl(AttentionImpl[CascadeMetadata]):
         out = output[:num_tokens].view(num_tokens, self.num_heads, self.head_size)
         query = query[:num_tokens].view(num_tokens, self.num_heads, self.head_size)
         if attn_metadata.kernel is not None:
-            STATS.paths["flashinfer"] += 1
+            STATS.paths[attn_metadata.kernel.name] += 1
             attn_metadata.kernel.run(query, k_cache, v_cache, out)
         else:
             STATS.paths["torch"] += 1

@@ -32,6 +32,8 @@ WORKSPACE_BYTES = 256 * 1024 * 1024
 
 
 class FlashInferCascade:
+    name = "flashinfer"
+
     def __init__(
         self,
         device: torch.device,
