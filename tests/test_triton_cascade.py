@@ -59,10 +59,18 @@ def test_worklist_covers_every_key_once(seed):
 
 @pytest.fixture(scope="module")
 def triton_cascade():
+    # The interpreter is chosen when a kernel is defined; engines this test
+    # process starts later must not inherit the variable.
+    old = os.environ.get("TRITON_INTERPRET")
     if not ON_GPU:
-        os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are defined
-    from vllm_cascade.ops import triton_cascade
-
+        os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        from vllm_cascade.ops import triton_cascade
+    finally:
+        if old is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = old
     return triton_cascade
 
 
