@@ -59,19 +59,18 @@ def test_worklist_covers_every_key_once(seed):
 
 @pytest.fixture(scope="module")
 def triton_cascade():
-    # The interpreter is chosen when a kernel is defined; engines this test
-    # process starts later must not inherit the variable.
+    # The interpreter is read when kernels are defined and launched; restore the
+    # variable after this module so engines started later do not inherit it.
     old = os.environ.get("TRITON_INTERPRET")
     if not ON_GPU:
         os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        from vllm_cascade.ops import triton_cascade
-    finally:
-        if old is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = old
-    return triton_cascade
+    from vllm_cascade.ops import triton_cascade
+
+    yield triton_cascade
+    if old is None:
+        os.environ.pop("TRITON_INTERPRET", None)
+    else:
+        os.environ["TRITON_INTERPRET"] = old
 
 
 @pytest.mark.parametrize("seed", range(8))
