@@ -178,3 +178,20 @@ def reference_engine(tiny_model, session_tmp, engines) -> Engine:
     )
     engines.append(engine)
     return engine
+
+
+@pytest.fixture(scope="session")
+def fused_engine(tiny_model, session_tmp, engines) -> Engine:
+    """The cascade engine's settings, with the fused Qwen3 model class (models/qwen3.py)."""
+    engine = make_engine(
+        tiny_model,
+        session_tmp / "stats-fused",
+        name="fused",
+        attention_backend="cascade",
+        block_size=16,
+        additional_config=AGGRESSIVE_CASCADE,
+        hf_overrides={"architectures": ["CascadeQwen3ForCausalLM"]},
+        **SCHEDULING,
+    )
+    engines.append(engine)
+    return engine

@@ -4,7 +4,7 @@
   its platform, before a spawned engine process unpickles its config, which
   names the CASCADE enum member. It returns None: it provides no platform.
 - `register` (group `vllm.general_plugins`) runs before any model is built:
-  CPU backend selection, config-time checks, this run's stats directory
+  CPU backend selection, config-time checks, model classes, this run's stats directory
   (inherited by the processes vLLM spawns later) and the /metrics collector.
 """
 
@@ -24,5 +24,6 @@ def register() -> None:
     vllm_compat.register_backend_name()
     vllm_compat.make_cpu_platform_honour_selection()
     vllm_compat.check_cascade_settings_at_config_time()
+    vllm_compat.register_models()
     stats.ensure_stats_dir()
     metrics.register_collector()

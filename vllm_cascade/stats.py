@@ -30,6 +30,7 @@ STATS_DIR_ENV = "CASCADE_STATS_DIR"
 INTERVAL_ENV = "CASCADE_STATS_INTERVAL_S"
 _COUNTERS = ("steps", "cascade_steps", "layer_calls", "pages_read", "flat_pages_read", "kv_bytes_read",
              "kv_bytes_flat")
+_COUNTERS_BY_KEY = ("levels", "level_pages", "level_queries", "paths", "model_steps")
 
 
 @dataclass
@@ -45,6 +46,7 @@ class AttentionStats:
     level_pages: Counter = field(default_factory=Counter)  # pages read per level ("0", "1", ..., "own")
     level_queries: Counter = field(default_factory=Counter)  # query tokens attending each level
     paths: Counter = field(default_factory=Counter)  # layer calls by kernel path
+    model_steps: Counter = field(default_factory=Counter)  # forward calls of the plugin's model classes
     _last_dump: float = field(default=0.0, repr=False)
 
     def record_step(
@@ -66,7 +68,7 @@ class AttentionStats:
 
     def snapshot(self) -> dict:
         data = {k: getattr(self, k) for k in _COUNTERS}
-        for k in ("levels", "level_pages", "level_queries", "paths"):
+        for k in _COUNTERS_BY_KEY:
             data[k] = dict(getattr(self, k))
         data["pid"] = os.getpid()
         return data
@@ -115,7 +117,7 @@ def read_stats_dir(out_dir: str) -> list[dict]:
 def summarize(per_process: list[dict]) -> dict:
     """Sum per-process counters; adds kv_bytes_saved."""
     total: dict = {k: sum(p.get(k, 0) for p in per_process) for k in _COUNTERS}
-    for k in ("levels", "level_pages", "level_queries", "paths"):
+    for k in _COUNTERS_BY_KEY:
         total[k] = dict(sum((Counter(p.get(k, {})) for p in per_process), Counter()))
     total["kv_bytes_saved"] = total["kv_bytes_flat"] - total["kv_bytes_read"]
     total["processes"] = len(per_process)

@@ -6,6 +6,9 @@ Porting to another vLLM version starts and, ideally, ends here. What is used:
   member to `AttentionBackendEnum`, which `--attention-backend` parses.
 - `vllm.platforms.cpu.CpuPlatform.get_attn_backend_cls`: ignores any
   selection but its own; wrapped so that CASCADE is honoured (and validated).
+- `vllm.ModelRegistry.register_model`: adds CascadeQwen3ForCausalLM, and with
+  CASCADE_FUSED_QWEN3=1 serves every Qwen3ForCausalLM checkpoint with it.
+  The class itself (models/qwen3.py) subclasses vLLM's Qwen3 modules.
 - `Platform.check_and_update_config` of the current platform: wrapped so that
   a CASCADE run's settings are checked in the front process, before any
   engine process starts (otherwise errors surface late, in a worker's log).
@@ -85,3 +88,17 @@ def check_cascade_settings_at_config_time() -> None:
 
     check_and_update_config._cascade_wrapped = True  # type: ignore[attr-defined]
     platform_cls.check_and_update_config = classmethod(check_and_update_config)  # type: ignore[method-assign]
+
+
+def register_models() -> None:
+    """Lazy registrations (a class path, nothing imported now); idempotent."""
+    import os
+
+    from vllm import ModelRegistry
+
+    path = "vllm_cascade.models.qwen3:CascadeQwen3ForCausalLM"
+    archs = ["CascadeQwen3ForCausalLM"]
+    if os.environ.get("CASCADE_FUSED_QWEN3", "0").lower() in ("1", "true", "yes", "on"):
+        archs.append("Qwen3ForCausalLM")  # replaces vLLM's own class for every Qwen3 checkpoint
+    for arch in archs:
+        ModelRegistry.register_model(arch, path)

@@ -1,0 +1,1 @@
+"""Model classes the plugin registers with vLLM's model registry."""
