@@ -1,0 +1,137 @@
+"""One layer of decode attention with a shared prefix: every kernel against the floor.
+
+The `shared` shape of ../shared/ANCHORS.md: 64 queries, an 8192-token prefix
+shared by all plus 192 tokens of each request's own, 16 query heads, 8 KV
+heads, head dim 128, page 16, bf16. The floor is every KV byte read once at
+the measured copy bandwidth. Each variant is checked against the flat
+FlashInfer decode first (relative error), then timed (median of CUDA-event
+timings). Host planning time per step is reported apart.
+
+    python benchmarks/kernel_bench.py [--prefix 8192 --own 192 --batch 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+
+
+def median_us(fn, reps: int = 50) -> float:
+    for _ in range(5):
+        fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) * 1000)
+    return float(np.median(times))
+
+
+def copy_bandwidth() -> float:
+    """Bytes per second of a large device-to-device copy (read + write counted)."""
+    a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    return 2 * a.numel() / (median_us(lambda: b.copy_(a), reps=10) * 1e-6)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--prefix", type=int, default=8192)
+    ap.add_argument("--own", type=int, default=192)
+    ap.add_argument("--qo-heads", type=int, default=16)
+    ap.add_argument("--kv-heads", type=int, default=8)
+    ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--page", type=int, default=16)
+    args = ap.parse_args()
+
+    import flashinfer
+
+    from vllm_cascade.attention.plan import plan_cascade
+    from vllm_cascade.ops.flashinfer_attention import FlashInferCascade
+    from vllm_cascade.ops.triton_cascade import TritonCascade
+
+    b, page, hq, hkv, d = args.batch, args.page, args.qo_heads, args.kv_heads, args.head_dim
+    shared_pages, own_pages = args.prefix // page, -(-args.own // page)
+    num_pages = shared_pages + b * own_pages
+    cache = torch.randn(num_pages, hkv, page, 2 * d, device="cuda", dtype=torch.bfloat16)
+    k, v = cache[..., :d], cache[..., d:]
+    table = np.array([list(range(shared_pages)) + [shared_pages + r * own_pages + i for i in range(own_pages)]
+                      for r in range(b)], dtype=np.int32)
+    seq_lens = np.full(b, args.prefix + args.own)
+    qsl = np.arange(b + 1)
+    q = torch.randn(b, hq, d, device="cuda", dtype=torch.bfloat16)
+    bt = torch.from_numpy(table).cuda()
+    scale = d**-0.5
+    workspace = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+
+    # Stock: each request reads the whole prefix.
+    flat = flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace, "HND")
+    indptr = torch.arange(b + 1, dtype=torch.int32) * table.shape[1]
+    last = torch.full((b,), (args.prefix + args.own) - (table.shape[1] - 1) * page, dtype=torch.int32)
+    flat.plan(indptr, bt.flatten(), last, hq, hkv, d, page, q_data_type=torch.bfloat16, sm_scale=scale)
+    ref = flat.run(q, (k, v))
+
+    # FlashInfer's own 2-level cascade.
+    mlc = flashinfer.MultiLevelCascadeAttentionWrapper(2, workspace, "HND")
+    mlc.plan(
+        [torch.tensor([0, b], dtype=torch.int32), torch.arange(b + 1, dtype=torch.int32)],
+        [torch.tensor([0, shared_pages], dtype=torch.int32), torch.arange(b + 1, dtype=torch.int32) * own_pages],
+        [torch.arange(shared_pages, dtype=torch.int32, device="cuda"), bt[:, shared_pages:].flatten()],
+        [torch.tensor([page], dtype=torch.int32), torch.full((b,), args.own - (own_pages - 1) * page, dtype=torch.int32)],
+        hq, hkv, d, page, sm_scale=scale, q_data_type=torch.bfloat16,
+    )  # fmt: skip
+
+    t0 = time.perf_counter()
+    plan = plan_cascade(table, seq_lens, np.ones(b, dtype=int), page, max_levels=2)
+    plan_us = (time.perf_counter() - t0) * 1e6
+    ours = FlashInferCascade(torch.device("cuda"), hq, hkv, d, page, torch.bfloat16, scale, 2)
+    t0 = time.perf_counter()
+    ours.plan(plan, bt, table, seq_lens, qsl)
+    torch.cuda.synchronize()
+    fi_plan_us = (time.perf_counter() - t0) * 1e6
+
+    def into(run, out: torch.Tensor):
+        """A variant that writes into `out`, as one that returns its output."""
+        return lambda: (run(q, k, v, out), out)[1]
+
+    variants = {
+        "flashinfer decode, flat (stock)": lambda: flat.run(q, (k, v)),
+        "flashinfer MultiLevelCascade, 2 levels": lambda: mlc.run(q, (k, v)),
+        "cascade backend, gpu_kernel=flashinfer": into(ours.run, torch.empty_like(q)),
+    }
+    host = {"plan_cascade (numpy)": plan_us, "flashinfer wrappers plan": fi_plan_us}
+    for pages_per_item in (8, 16, 32, 64):
+        tc = TritonCascade(hq, hkv, page, scale, pages_per_item=pages_per_item)
+        t0 = time.perf_counter()
+        tc.plan(plan, bt, table, seq_lens, qsl)
+        torch.cuda.synchronize()
+        host[f"triton work list ({pages_per_item} pages/item)"] = (time.perf_counter() - t0) * 1e6
+        variants[f"cascade backend, gpu_kernel=triton, {pages_per_item} pages/item"] = into(tc.run, torch.empty_like(q))
+
+    kv_bytes = (args.prefix + b * args.own) * hkv * d * 2 * 2
+    bandwidth = copy_bandwidth()
+    floor_us = kv_bytes / bandwidth * 1e6
+    print(f"shape: batch {b}, prefix {args.prefix} + own {args.own}, heads {hq}/{hkv}, dim {d}, page {page}")
+    print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s; KV read once {kv_bytes / 1e6:.1f} MB -> floor {floor_us:.1f} us")
+    print(f"\n{'kernel':<52} {'us/layer':>9} {'x floor':>8} {'vs flat':>8} {'rel err':>9}")
+    flat_us = None
+    for name, fn in variants.items():
+        out = fn().float()
+        err = float((out - ref.float()).norm() / ref.float().norm())
+        us = median_us(fn)
+        flat_us = flat_us or us
+        print(f"{name:<52} {us:>9.1f} {us / floor_us:>8.2f} {flat_us / us:>7.2f}x {err:>9.1e}")
+    print("\nhost work per step:")
+    for name, us in host.items():
+        print(f"  {name:<44} {us:>9.1f} us")
+
+
+if __name__ == "__main__":
+    main()
