@@ -149,49 +149,32 @@ def engines() -> Iterator[list[Engine]]:
     gc.collect()
 
 
+# CASCADE with 16-token pages (partial pages), cascading on any shared page.
+CASCADE_ENGINE: dict[str, Any] = {
+    "attention_backend": "cascade", "block_size": 16, "additional_config": AGGRESSIVE_CASCADE, **SCHEDULING
+}
+# vLLM's own CPU backend, the reference (it needs pages of a multiple of 32 tokens).
+REFERENCE_ENGINE: dict[str, Any] = {"attention_backend": "CPU_ATTN", "block_size": 32, **SCHEDULING}
+
+
+def session_engine(name: str, tiny_model, session_tmp, engines: list[Engine], **kwargs: Any) -> Engine:
+    engine = make_engine(tiny_model, session_tmp / f"stats-{name}", name=name, **kwargs)
+    engines.append(engine)  # shut down at session end
+    return engine
+
+
 @pytest.fixture(scope="session")
 def cascade_engine(tiny_model, session_tmp, engines) -> Engine:
-    """CASCADE, 16-token pages (partial pages), cascading on any shared page."""
-    engine = make_engine(
-        tiny_model,
-        session_tmp / "stats-cascade",
-        name="cascade",
-        attention_backend="cascade",
-        block_size=16,
-        additional_config=AGGRESSIVE_CASCADE,
-        **SCHEDULING,
-    )
-    engines.append(engine)
-    return engine
+    return session_engine("cascade", tiny_model, session_tmp, engines, **CASCADE_ENGINE)
 
 
 @pytest.fixture(scope="session")
 def reference_engine(tiny_model, session_tmp, engines) -> Engine:
-    """vLLM's own CPU_ATTN backend (needs pages of a multiple of 32 tokens)."""
-    engine = make_engine(
-        tiny_model,
-        session_tmp / "stats-reference",
-        name="reference",
-        attention_backend="CPU_ATTN",
-        block_size=32,
-        **SCHEDULING,
-    )
-    engines.append(engine)
-    return engine
+    return session_engine("reference", tiny_model, session_tmp, engines, **REFERENCE_ENGINE)
 
 
 @pytest.fixture(scope="session")
 def fused_engine(tiny_model, session_tmp, engines) -> Engine:
     """The cascade engine's settings, with the fused Qwen3 model class (models/qwen3.py)."""
-    engine = make_engine(
-        tiny_model,
-        session_tmp / "stats-fused",
-        name="fused",
-        attention_backend="cascade",
-        block_size=16,
-        additional_config=AGGRESSIVE_CASCADE,
-        hf_overrides={"architectures": ["CascadeQwen3ForCausalLM"]},
-        **SCHEDULING,
-    )
-    engines.append(engine)
-    return engine
+    hf_overrides = {"architectures": ["CascadeQwen3ForCausalLM"]}
+    return session_engine("fused", tiny_model, session_tmp, engines, hf_overrides=hf_overrides, **CASCADE_ENGINE)
