@@ -71,10 +71,11 @@ def triton_cascade():
 
 @pytest.mark.skipif(ON_GPU or INTERPRETED, reason="the kernel cases run directly in this process")
 def test_fused_kernels_under_the_interpreter():
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"{__file__}::test_fused_kernels_match_reference"]
+    cases = [f"{__file__}::{name}" for name in ("test_fused_kernels_match_reference", "test_triton_cascade_steps")]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *cases]
     proc = subprocess.run(cmd, env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True,
                           timeout=600, cwd=os.path.dirname(__file__))
-    assert proc.returncode == 0 and "8 passed" in proc.stdout, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert proc.returncode == 0 and "9 passed" in proc.stdout, proc.stdout[-4000:] + proc.stderr[-2000:]
 
 
 @pytest.mark.skipif(not (ON_GPU or INTERPRETED), reason="needs a GPU or TRITON_INTERPRET=1 from process start")
@@ -95,3 +96,21 @@ def test_fused_kernels_match_reference(triton_cascade, seed):
     )
     tol = 2e-3 if ON_GPU else 1e-4  # GPU dots round inputs to tf32
     torch.testing.assert_close(out.cpu(), ref, atol=tol, rtol=tol)
+
+
+@pytest.mark.skipif(not (ON_GPU or INTERPRETED), reason="needs a GPU or TRITON_INTERPRET=1 from process start")
+def test_triton_cascade_steps(triton_cascade):
+    """The backend's object over several steps: packed work lists, alternating and growing buffers."""
+    device = "cuda" if ON_GPU else "cpu"
+    kernel = None
+    for seed in (11, 12, 13, 14):
+        _, table, seq_lens, qsl, q, k, v, plan, ref = batch(seed, g=2, d=16)
+        if kernel is None:
+            kernel = triton_cascade.TritonCascade(q.shape[1], k.shape[1], k.shape[2], 16**-0.5, pages_per_item=2,
+                                                  device=device)
+        cache = torch.cat([k, v], dim=-1).to(device)
+        kernel.plan(plan, torch.from_numpy(table).to(device, torch.int32), table, seq_lens, qsl)
+        out = torch.full_like(q, float("nan"), device=device)
+        kernel.run(q.to(device), cache[..., :16], cache[..., 16:], out)
+        tol = 2e-3 if ON_GPU else 1e-4
+        torch.testing.assert_close(out.cpu(), ref, atol=tol, rtol=tol)

@@ -101,7 +101,8 @@ class CascadeMetadataBuilder(AttentionMetadataBuilder[CascadeMetadata]):
             if self.config.gpu_kernel == "triton":
                 from vllm_cascade.ops.triton_cascade import TritonCascade
 
-                self.kernel = TritonCascade(impl.num_heads, impl.num_kv_heads, self.page_size, impl.scale)
+                self.kernel = TritonCascade(impl.num_heads, impl.num_kv_heads, self.page_size, impl.scale,
+                                            device=device)
             else:
                 from vllm_cascade.ops.flashinfer_attention import FlashInferCascade
 

@@ -167,14 +167,26 @@ def cascade_attention_triton(
 
 
 class TritonCascade:
-    """The fused path with the interface of FlashInferCascade: plan once per step, run per layer."""
+    """The fused path with the interface of FlashInferCascade: plan once per step, run per layer.
+
+    The step's work list is packed into one pinned host buffer and uploaded with
+    one copy into a persistent device buffer; the kernels read views of it. Two
+    host buffers alternate, so a buffer is written only after its previous copy
+    finished (an event marks it).
+    """
 
     name = "triton"
+    FIELDS = tuple(WorkList.__dataclass_fields__)
 
     def __init__(self, num_qo_heads: int, num_kv_heads: int, page_size: int, scale: float,
-                 pages_per_item: int = 16) -> None:
+                 pages_per_item: int = 16, device: torch.device | str = "cuda") -> None:
         self.group = num_qo_heads // num_kv_heads
         self.page_size, self.scale, self.pages_per_item = page_size, scale, pages_per_item
+        self.device = torch.device(device)
+        self._host: list[torch.Tensor] = [torch.empty(0, dtype=torch.int32)] * 2
+        self._copied: list[torch.cuda.Event | None] = [None, None]
+        self._turn = 0
+        self._dev = torch.empty(0, dtype=torch.int32, device=self.device)
         self.worklist: dict[str, torch.Tensor] = {}
         self.block_table: torch.Tensor | None = None
 
@@ -184,8 +196,35 @@ class TritonCascade:
 
         wl = build_worklist(plan, seq_lens, query_start_loc, self.page_size, BLOCK_M // self.group,
                             self.pages_per_item)
-        self.worklist = to_device(wl, block_table.device)
+        arrays = [getattr(wl, f) for f in self.FIELDS] + [np.array([wl.num_items]), np.array([len(wl.q_pos)])]
+        names = list(self.FIELDS) + ["num_items", "num_tokens"]
+        total = sum(len(a) for a in arrays)
+        host = self._staging(total)
+        views, offset = {}, 0
+        for name, array in zip(names, arrays):
+            host[offset : offset + len(array)].numpy()[:] = array
+            views[name] = (offset, len(array))
+            offset += len(array)
+        if self.device.type == "cpu":
+            dev = host
+        else:
+            if self._dev.numel() < total:
+                self._dev = torch.empty(2 * total, dtype=torch.int32, device=self.device)
+            self._dev[:total].copy_(host[:total], non_blocking=True)
+            self._copied[self._turn] = torch.cuda.Event()
+            self._copied[self._turn].record()
+            dev = self._dev
+        self.worklist = {name: dev[o : o + n] for name, (o, n) in views.items()}
         self.block_table = block_table
+
+    def _staging(self, size: int) -> torch.Tensor:
+        self._turn ^= 1
+        if self._copied[self._turn] is not None:
+            self._copied[self._turn].synchronize()  # its copy was queued two steps ago
+        if self._host[self._turn].numel() < size:
+            pinned = self.device.type == "cuda"
+            self._host[self._turn] = torch.empty(2 * size, dtype=torch.int32, pin_memory=pinned)
+        return self._host[self._turn]
 
     def run(self, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor) -> None:
         cascade_attention_triton(query, k_cache, v_cache, self.block_table, self.worklist, self.scale, out)
