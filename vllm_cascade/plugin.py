@@ -25,5 +25,6 @@ def register() -> None:
     vllm_compat.make_cpu_platform_honour_selection()
     vllm_compat.check_cascade_settings_at_config_time()
     vllm_compat.register_models()
+    vllm_compat.mirror_block_tables()
     stats.ensure_stats_dir()
     metrics.register_collector()

@@ -30,7 +30,7 @@ STATS_DIR_ENV = "CASCADE_STATS_DIR"
 INTERVAL_ENV = "CASCADE_STATS_INTERVAL_S"
 _COUNTERS = ("steps", "cascade_steps", "layer_calls", "pages_read", "flat_pages_read", "kv_bytes_read",
              "kv_bytes_flat")
-_COUNTERS_BY_KEY = ("levels", "level_pages", "level_queries", "paths", "model_steps")
+_COUNTERS_BY_KEY = ("levels", "level_pages", "level_queries", "paths", "model_steps", "block_table_reads")
 
 
 @dataclass
@@ -47,6 +47,7 @@ class AttentionStats:
     level_queries: Counter = field(default_factory=Counter)  # query tokens attending each level
     paths: Counter = field(default_factory=Counter)  # layer calls by kernel path
     model_steps: Counter = field(default_factory=Counter)  # forward calls of the plugin's model classes
+    block_table_reads: Counter = field(default_factory=Counter)  # host block tables by source (cpu, host_mirror, device_copy)
     _last_dump: float = field(default=0.0, repr=False)
 
     def record_step(

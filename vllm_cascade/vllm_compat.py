@@ -9,6 +9,10 @@ Porting to another vLLM version starts and, ideally, ends here. What is used:
 - `vllm.ModelRegistry.register_model`: adds CascadeQwen3ForCausalLM, and with
   CASCADE_FUSED_QWEN3=1 serves every Qwen3ForCausalLM checkpoint with it.
   The class itself (models/qwen3.py) subclasses vLLM's Qwen3 modules.
+- `vllm.v1.worker.gpu.block_table.BlockTables.append_block_ids` (model
+  runner V2, the GPU default): wrapped to keep a host copy of the block ids,
+  which V2 holds only on the device; the builder reads this step's rows from it
+  through `CommonAttentionMetadata.req_idx` instead of syncing the device.
 - `Platform.check_and_update_config` of the current platform: wrapped so that
   a CASCADE run's settings are checked in the front process, before any
   engine process starts (otherwise errors surface late, in a worker's log).
@@ -102,3 +106,51 @@ def register_models() -> None:
         archs.append("Qwen3ForCausalLM")  # replaces vLLM's own class for every Qwen3 checkpoint
     for arch in archs:
         ModelRegistry.register_model(arch, path)
+
+
+class HostBlockIds:
+    """Host copy of a BlockTables' block ids: [group][request slot, block index]."""
+
+    def __init__(self, block_tables) -> None:
+        import numpy as np
+
+        self.tables = [np.zeros(tuple(t.gpu.shape), dtype=np.int32) for t in block_tables.block_tables]
+
+    def rows(self, group: int, req_idx):
+        return self.tables[group][req_idx]
+
+
+_host_block_ids: HostBlockIds | None = None  # of this worker's model runner (the newest BlockTables)
+
+
+def host_block_ids() -> HostBlockIds | None:
+    return _host_block_ids
+
+
+def mirror_block_tables(block_tables_cls=None) -> None:
+    """Wrap `append_block_ids`, the one method that writes V2's block ids (idempotent)."""
+    if block_tables_cls is None:
+        try:
+            from vllm.v1.worker.gpu.block_table import BlockTables as block_tables_cls
+        except ImportError:  # a build without model runner V2
+            return
+    original = block_tables_cls.append_block_ids
+    if getattr(original, "_cascade_wrapped", False):
+        return
+
+    def append_block_ids(self, req_index, new_block_ids, overwrite):
+        global _host_block_ids
+        starts = [0 if overwrite else int(self.num_blocks.np[i, req_index]) for i in range(self.num_kv_cache_groups)]
+        original(self, req_index, new_block_ids, overwrite)
+        mirror = self.__dict__.get("_cascade_host_ids")
+        if mirror is None:
+            mirror = self.__dict__["_cascade_host_ids"] = HostBlockIds(self)
+        _host_block_ids = mirror
+        for group, start in enumerate(starts):
+            ids = new_block_ids[group]
+            if self.redirect_writes_to_null_block:
+                ids = [0] * len(ids)
+            mirror.tables[group][req_index, start : start + len(ids)] = ids
+
+    append_block_ids._cascade_wrapped = True  # type: ignore[attr-defined]
+    block_tables_cls.append_block_ids = append_block_ids

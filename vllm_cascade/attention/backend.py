@@ -30,7 +30,7 @@ from vllm.v1.attention.backend import (
 )
 from vllm.v1.kv_cache_layout import KVCacheLayout
 
-from vllm_cascade import BACKEND_NAME
+from vllm_cascade import BACKEND_NAME, vllm_compat
 from vllm_cascade.attention.plan import CascadePlan, flat_plan, plan_cascade
 from vllm_cascade.config import SUPPORTED_HEAD_SIZES, CascadeConfig
 from vllm_cascade.ops import torch_attention
@@ -131,8 +131,7 @@ class CascadeMetadataBuilder(AttentionMetadataBuilder[CascadeMetadata]):
         host_table = None
         plan = flat_plan(seq_lens, self.page_size)
         if self._may_share(seq_lens, query_lens):
-            # On the GPU this copy waits for the step's block-table upload.
-            host_table = block_table.cpu().numpy()
+            host_table = self._host_block_table(cm, num_rows)
             plan = plan_cascade(
                 host_table,
                 seq_lens,
@@ -154,6 +153,23 @@ class CascadeMetadataBuilder(AttentionMetadataBuilder[CascadeMetadata]):
             plan=plan,
             kernel=self.kernel,
         )
+
+    @staticmethod
+    def _host_block_table(cm: CommonAttentionMetadata, num_rows: int) -> np.ndarray:
+        """This step's block-table rows on the host; columns past a row's pages may be stale."""
+        table = cm.block_table_tensor[:num_rows]
+        if table.device.type == "cpu":
+            STATS.block_table_reads["cpu"] += 1
+            return table.numpy()
+        mirror = vllm_compat.host_block_ids()
+        if mirror is not None and cm.req_idx is not None and len(mirror.tables) == 1:
+            STATS.block_table_reads["host_mirror"] += 1
+            rows = np.zeros((num_rows, mirror.tables[0].shape[1]), dtype=np.int32)  # padded rows: seq_len 0
+            rows[: len(cm.req_idx)] = mirror.rows(0, cm.req_idx)
+            return rows
+        # V1 runner, several KV-cache groups, speculators: the copy waits for the device.
+        STATS.block_table_reads["device_copy"] += 1
+        return table.cpu().numpy()
 
     def _may_share(self, seq_lens: np.ndarray, query_lens: np.ndarray) -> bool:
         """Cheap test before reading the block table: could any sharing pay?"""
