@@ -92,6 +92,20 @@ def test_shared_prefix_cascades_and_matches_cpu_attn(cascade_engine, reference_e
     assert saved > 0, f"cascade read no fewer pages than flat attention: {before} -> {after}"
 
 
+def test_system_prompt_and_group_documents_cascade_three_levels(cascade_engine, reference_engine, tiny_model):
+    """A system prompt for all (level 0), a document per group of four (level 1), own tails."""
+    from vllm_cascade.stats import summarize
+
+    system = window(tiny_model, 0, 64)  # 4 full pages
+    documents = [window(tiny_model, 100 + 150 * d, 96) for d in range(2)]  # 6 full pages each
+    prompts = [system + documents[i // 4] + window(tiny_model, 500 + 37 * i, 5 + i) for i in range(8)]
+    before = summarize(cascade_engine.stats())["levels"].get("3", 0)
+    got = cascade_engine.generate_ids(prompts, NEW_TOKENS)
+    after = summarize(cascade_engine.stats())["levels"].get("3", 0)
+    assert_same_tokens(prompts, got, reference_engine.generate_ids(prompts, NEW_TOKENS), "system + group documents")
+    assert after > before, f"no step ran three levels ({before} -> {after})"
+
+
 @pytest.mark.parametrize("name", ["cascade", "CASCADE", "Cascade"])
 def test_backend_name_is_case_insensitive(name):
     from vllm.config import AttentionConfig
