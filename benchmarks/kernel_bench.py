@@ -108,7 +108,7 @@ def main() -> None:
     }
     host = {"plan_cascade (numpy)": plan_us, "flashinfer wrappers plan": fi_plan_us}
     for pages_per_item in (8, 16, 32, 64):
-        tc = TritonCascade(hq, hkv, page, scale, pages_per_item=pages_per_item)
+        tc = TritonCascade(hq, hkv, page, scale, pages_per_item=pages_per_item, head_dim=d)
         t0 = time.perf_counter()
         tc.plan(plan, bt, table, seq_lens, qsl)
         torch.cuda.synchronize()

@@ -23,11 +23,11 @@ ON_GPU = torch.cuda.is_available()
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # set before this process imported triton
 
 
-def batch(seed, g, d, page=8, max_levels=3):
+def batch(seed, g, d, page=8, max_levels=3, hkv=None):
     rng = np.random.default_rng(seed)
     table, seq_lens, query_lens, num_pages = random_batch(rng, page, max_rows=6)
     qsl = np.concatenate([[0], np.cumsum(query_lens)])
-    hkv = int(rng.choice([1, 2]))
+    hkv = hkv or int(rng.choice([1, 2]))
     gen = torch.Generator().manual_seed(seed)
     k = torch.randn(num_pages, hkv, page, d, generator=gen)
     v = torch.randn(num_pages, hkv, page, d, generator=gen)
@@ -45,19 +45,21 @@ def test_worklist_covers_every_key_once(seed):
     page = k.shape[2]
     wl = build_worklist(plan, seq_lens, qsl, page, tokens_per_item=int(rng.integers(1, 5)),
                         pages_per_item=int(rng.integers(1, 4)))
-    partial = {}
+    partial = {}  # partial row -> (out, lse) of one token
     for w in range(wl.num_items):
         tokens = torch.from_numpy(wl.q_tokens[wl.q_off[w] : wl.q_off[w] + wl.q_len[w]].astype(np.int64))
         first = int(wl.page_start[w])
         pages = torch.from_numpy(table[wl.bt_row[w], first : first + -(-int(wl.kv_len[w]) // page)])
         q_pos = torch.from_numpy(wl.q_pos[tokens.numpy()].astype(np.int64)) if wl.causal[w] else None
-        partial[w] = attend(q[tokens], gather_pages(k, pages, int(wl.kv_len[w])),
-                            gather_pages(v, pages, int(wl.kv_len[w])), q.shape[-1] ** -0.5, q_pos, first * page)
+        o, lse = attend(q[tokens], gather_pages(k, pages, int(wl.kv_len[w])),
+                        gather_pages(v, pages, int(wl.kv_len[w])), q.shape[-1] ** -0.5, q_pos, first * page)
+        for i in range(len(tokens)):
+            partial[int(wl.item_part[w]) + i] = (o[i], lse[i])
+    assert sorted(partial) == list(range(wl.num_partial_rows))
     for t in range(q.shape[0]):
         acc = None
         for c in range(wl.contrib_off[t], wl.contrib_off[t + 1]):
-            o, lse = partial[int(wl.contrib_item[c])]
-            piece = (o[wl.contrib_local[c]], lse[wl.contrib_local[c]])
+            piece = partial[int(wl.contrib_row[c])]
             acc = piece if acc is None else merge(*acc, *piece)
         torch.testing.assert_close(acc[0], ref[t], atol=2e-5, rtol=2e-5)
 
@@ -103,14 +105,20 @@ def test_triton_cascade_steps(triton_cascade):
     """The backend's object over several steps: packed work lists, alternating and growing buffers."""
     device = "cuda" if ON_GPU else "cpu"
     kernel = None
-    for seed in (11, 12, 13, 14):
-        _, table, seq_lens, qsl, q, k, v, plan, ref = batch(seed, g=2, d=16)
+    capacities = []
+    for seed in (11, 12, 13, 14, 15, 16):
+        _, table, seq_lens, qsl, q, k, v, plan, ref = batch(seed, g=2, d=16, hkv=2)
         if kernel is None:
             kernel = triton_cascade.TritonCascade(q.shape[1], k.shape[1], k.shape[2], 16**-0.5, pages_per_item=2,
-                                                  device=device)
+                                                  device=device, head_dim=16)
         cache = torch.cat([k, v], dim=-1).to(device)
         kernel.plan(plan, torch.from_numpy(table).to(device, torch.int32), table, seq_lens, qsl)
         out = torch.full_like(q, float("nan"), device=device)
         kernel.run(q.to(device), cache[..., :16], cache[..., 16:], out)
         tol = 2e-3 if ON_GPU else 1e-4
         torch.testing.assert_close(out.cpu(), ref, atol=tol, rtol=tol)
+        capacities.append((dict(kernel.capacity), kernel.worklist["q_off"].data_ptr(), kernel.partials[0].data_ptr()))
+    # While the capacities hold, the kernels see the same buffers every step (what graph replay needs).
+    for (cap_a, *ptrs_a), (cap_b, *ptrs_b) in zip(capacities, capacities[1:]):
+        assert cap_a != cap_b or ptrs_a == ptrs_b
+    assert len({str(c[0]) for c in capacities}) < len(capacities)  # some steps reused the buffers

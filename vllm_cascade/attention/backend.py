@@ -102,7 +102,7 @@ class CascadeMetadataBuilder(AttentionMetadataBuilder[CascadeMetadata]):
                 from vllm_cascade.ops.triton_cascade import TritonCascade
 
                 self.kernel = TritonCascade(impl.num_heads, impl.num_kv_heads, self.page_size, impl.scale,
-                                            device=device)
+                                            device=device, head_dim=impl.head_size)
             else:
                 from vllm_cascade.ops.flashinfer_attention import FlashInferCascade
 

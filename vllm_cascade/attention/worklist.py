@@ -15,7 +15,9 @@ Example:
     >>> wl.num_items, wl.q_pos.tolist()
     (4, [39, 4, 5, 6])
     >>> wl.kv_len.tolist(), wl.page_start.tolist()  # row 0: 40 keys in two items; row 1: two query tiles
-    [32, 8, 6, 7]
+    ([32, 8, 6, 7], [0, 2, 0, 0])
+    >>> wl.item_part.tolist(), wl.contrib_row.tolist()  # partial rows: one per (item, token)
+    ([0, 1, 2, 4], [0, 1, 2, 3, 4])
 """
 
 from __future__ import annotations
@@ -35,15 +37,19 @@ class WorkList:
     page_start: np.ndarray  # [items] block-table index of the item's first page
     kv_len: np.ndarray  # [items] keys the item reads, from page_start * page_size on
     causal: np.ndarray  # [items] 1: mask keys after each query's position
-    q_tokens: np.ndarray  # query-token indices (rows of the step's query tensor), per item
+    item_part: np.ndarray  # [items] partial-result row of the item's first token (one row per item and token)
+    q_tokens: np.ndarray  # query-token indices (rows of the step's query tensor), per tile
     q_pos: np.ndarray  # [tokens] absolute position of each query token
-    contrib_off: np.ndarray  # [tokens + 1] CSR: the (item, local token) pairs each token gets a partial from
-    contrib_item: np.ndarray
-    contrib_local: np.ndarray
+    contrib_off: np.ndarray  # [tokens + 1] CSR over contrib_row: the partial rows each token merges
+    contrib_row: np.ndarray
 
     @property
     def num_items(self) -> int:
         return len(self.q_off)
+
+    @property
+    def num_partial_rows(self) -> int:
+        return len(self.contrib_row)
 
 
 def build_worklist(
@@ -59,9 +65,9 @@ def build_worklist(
     num_tokens = int(qsl[-1])
     query_lens = np.diff(qsl)
     q_pos = np.concatenate([np.arange(s - n, s) for s, n in zip(seq_lens, query_lens)] or [np.zeros(0, np.int64)])
-    items: list[tuple[int, int, int, int, int, int]] = []  # q_off, q_len, bt_row, page_start, kv_len, causal
+    items: list[tuple[int, ...]] = []  # q_off, q_len, bt_row, page_start, kv_len, causal, item_part
     q_tokens: list[np.ndarray] = []
-    contributions: list[tuple[int, int, int]] = []  # token, item, local index
+    contributions: list[tuple[int, int]] = []  # token, partial row
     tokens_so_far = 0
 
     def add(tokens: np.ndarray, bt_row: int, first_page: int, kv_end: int, causal: int) -> None:
@@ -76,9 +82,9 @@ def build_worklist(
             tokens_so_far += len(tile)
             for page in range(first_page, -(-end // page_size), pages_per_item):
                 kv_len = min(end - page * page_size, pages_per_item * page_size)
-                item = len(items)
-                items.append((off, len(tile), bt_row, page, kv_len, causal))
-                contributions.extend((int(t), item, i) for i, t in enumerate(tile))
+                part = len(contributions)
+                items.append((off, len(tile), bt_row, page, kv_len, causal, part))
+                contributions.extend((int(t), part + i) for i, t in enumerate(tile))
 
     for r in range(len(seq_lens)):
         tokens = np.arange(qsl[r], qsl[r + 1])
@@ -90,9 +96,9 @@ def build_worklist(
             if len(tokens):
                 add(tokens, int(seg.rows[0]), seg.first_page, (seg.first_page + len(seg.pages)) * page_size, causal=0)
 
-    cols = np.array(items, dtype=np.int32).reshape(-1, 6).T
+    cols = np.array(items, dtype=np.int32).reshape(-1, 7).T
     contributions.sort()
-    contrib = np.array(contributions, dtype=np.int32).reshape(-1, 3)
+    contrib = np.array(contributions, dtype=np.int32).reshape(-1, 2)
     contrib_off = np.zeros(num_tokens + 1, dtype=np.int32)
     np.cumsum(np.bincount(contrib[:, 0], minlength=num_tokens), out=contrib_off[1:])
     return WorkList(
@@ -100,6 +106,5 @@ def build_worklist(
         q_tokens=np.concatenate(q_tokens or [np.zeros(0, np.int64)]).astype(np.int32),
         q_pos=q_pos.astype(np.int32),
         contrib_off=contrib_off,
-        contrib_item=contrib[:, 1].copy(),
-        contrib_local=contrib[:, 2].copy(),
+        contrib_row=contrib[:, 1].copy(),
     )

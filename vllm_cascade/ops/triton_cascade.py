@@ -34,7 +34,7 @@ BLOCK_N = 32  # keys per inner step
 @triton.jit
 def _partials_kernel(
     Q, K, V, BT, O_PART, L_PART,
-    item_q_off, item_q_len, item_bt_row, item_page_start, item_kv_len, item_causal, num_items_ptr,
+    item_q_off, item_q_len, item_bt_row, item_page_start, item_kv_len, item_causal, item_part, num_items_ptr,
     q_tokens, q_pos,
     sm_scale_log2,
     stride_qt, stride_qh, stride_kp, stride_kh, stride_kn, stride_bt,
@@ -86,29 +86,28 @@ def _partials_kernel(
         seen = l_i > 0
         lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
         out = acc / tl.where(seen, l_i, 1.0)[:, None]
-        slot = (w * num_kv_heads + h) * BLOCK_M + m_rows
-        tl.store(L_PART + slot, lse)
-        tl.store(O_PART + slot[:, None] * HEAD_DIM + d[None, :], out)
+        row = tl.load(item_part + w) + local  # one partial row per (item, token), all query heads
+        slot = row * (num_kv_heads * G) + head
+        tl.store(L_PART + slot, lse, mask=row_ok)
+        tl.store(O_PART + slot[:, None] * HEAD_DIM + d[None, :], out, mask=row_ok[:, None])
 
 
 @triton.jit
 def _merge_kernel(
-    O_PART, L_PART, OUT, contrib_off, contrib_item, contrib_local, num_tokens_ptr,
+    O_PART, L_PART, OUT, contrib_off, contrib_row, num_tokens_ptr,
     stride_ot, stride_oh,
-    G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
 ):  # fmt: skip
     t = tl.program_id(0)
     hq = tl.program_id(1)
     if t < tl.load(num_tokens_ptr):
-        h = hq // G
-        num_kv_heads = tl.num_programs(1) // G
+        num_heads = tl.num_programs(1)
         d = tl.arange(0, HEAD_DIM)
         m = tl.full([], float("-inf"), tl.float32)
         l = tl.zeros([], tl.float32)  # noqa: E741
         acc = tl.zeros([HEAD_DIM], tl.float32)
         for c in range(tl.load(contrib_off + t), tl.load(contrib_off + t + 1)):
-            w = tl.load(contrib_item + c)
-            slot = (w * num_kv_heads + h) * BLOCK_M + tl.load(contrib_local + c) * G + hq % G
+            slot = tl.load(contrib_row + c) * num_heads + hq
             lse = tl.load(L_PART + slot)
             m_new = tl.maximum(m, lse)
             m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -120,7 +119,7 @@ def _merge_kernel(
 
 
 def to_device(wl: WorkList, device: torch.device) -> dict[str, torch.Tensor]:
-    """The work list as int32 device tensors (a real engine copies into persistent buffers instead)."""
+    """The work list as int32 device tensors, sized to this step (TritonCascade keeps fixed regions instead)."""
     arrays = {name: getattr(wl, name) for name in WorkList.__dataclass_fields__}
     tensors = {k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.int32)).to(device) for k, v in arrays.items()}
     tensors["num_items"] = torch.tensor([wl.num_items], dtype=torch.int32, device=device)
@@ -138,10 +137,12 @@ def cascade_attention_triton(
     out: torch.Tensor,
     max_items: int | None = None,
     max_tokens: int | None = None,
+    partials: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> None:
     """q [T, Hq, D]; k/v caches [pages, Hkv, N, D] (same strides, last dim contiguous); out [T, Hq, D].
 
     Grids are max_items x Hkv and max_tokens x Hq (default: this step's counts).
+    `partials` = (o [rows, Hq, D] float32, lse [rows, Hq] float32), rows >= the work list's partial rows.
     """
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads, page = k_cache.shape[1], k_cache.shape[2]
@@ -149,44 +150,56 @@ def cascade_attention_triton(
     assert k_cache.stride() == v_cache.stride() and k_cache.stride(3) == 1 and g <= BLOCK_M
     max_items = max_items or len(wl["q_off"])
     max_tokens = max_tokens or num_tokens
-    o_part = torch.empty(max_items * num_kv_heads * BLOCK_M, head_dim, dtype=torch.float32, device=q.device)
-    l_part = torch.empty(max_items * num_kv_heads * BLOCK_M, dtype=torch.float32, device=q.device)
+    if partials is None:
+        rows = len(wl["contrib_row"])
+        partials = (torch.empty(rows, num_heads, head_dim, dtype=torch.float32, device=q.device),
+                    torch.empty(rows, num_heads, dtype=torch.float32, device=q.device))
+    o_part, l_part = partials
     _partials_kernel[(max_items, num_kv_heads)](
         q, k_cache, v_cache, block_table, o_part, l_part,
-        wl["q_off"], wl["q_len"], wl["bt_row"], wl["page_start"], wl["kv_len"], wl["causal"], wl["num_items"],
-        wl["q_tokens"], wl["q_pos"],
+        wl["q_off"], wl["q_len"], wl["bt_row"], wl["page_start"], wl["kv_len"], wl["causal"], wl["item_part"],
+        wl["num_items"], wl["q_tokens"], wl["q_pos"],
         scale * 1.4426950408889634,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_table.stride(0),
         G=g, PAGE=page, HEAD_DIM=head_dim, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
     )  # fmt: skip
     _merge_kernel[(max_tokens, num_heads)](
-        o_part, l_part, out, wl["contrib_off"], wl["contrib_item"], wl["contrib_local"], wl["num_tokens"],
-        out.stride(0), out.stride(1),
-        G=g, HEAD_DIM=head_dim, BLOCK_M=BLOCK_M,
+        o_part, l_part, out, wl["contrib_off"], wl["contrib_row"], wl["num_tokens"],
+        out.stride(0), out.stride(1), HEAD_DIM=head_dim,
     )  # fmt: skip
+
+
+# Which capacity sizes each work-list field's region ("items", "rows", "tokens"), plus a constant.
+_REGIONS = {"q_off": ("items", 0), "q_len": ("items", 0), "bt_row": ("items", 0), "page_start": ("items", 0),
+            "kv_len": ("items", 0), "causal": ("items", 0), "item_part": ("items", 0), "q_tokens": ("rows", 0),
+            "q_pos": ("tokens", 0), "contrib_off": ("tokens", 1), "contrib_row": ("rows", 0),
+            "num_items": (None, 1), "num_tokens": (None, 1)}
 
 
 class TritonCascade:
     """The fused path with the interface of FlashInferCascade: plan once per step, run per layer.
 
-    The step's work list is packed into one pinned host buffer and uploaded with
-    one copy into a persistent device buffer; the kernels read views of it. Two
-    host buffers alternate, so a buffer is written only after its previous copy
-    finished (an event marks it).
+    Every work-list field has a fixed region of one int32 buffer, sized by
+    capacities (items, partial rows, tokens) that grow only when a step
+    exceeds them; the launch grids are the capacities. So between growths
+    the kernels' pointers and grids do not change from step to step, which
+    is what replaying a captured CUDA graph needs; only the buffer's contents
+    do. Each step fills a pinned host copy (two alternate, an event guards
+    reuse) and uploads it with one copy.
     """
 
     name = "triton"
-    FIELDS = tuple(WorkList.__dataclass_fields__)
 
     def __init__(self, num_qo_heads: int, num_kv_heads: int, page_size: int, scale: float,
-                 pages_per_item: int = 16, device: torch.device | str = "cuda") -> None:
-        self.group = num_qo_heads // num_kv_heads
+                 pages_per_item: int = 16, device: torch.device | str = "cuda", head_dim: int = 128) -> None:
+        self.num_qo_heads, self.group = num_qo_heads, num_qo_heads // num_kv_heads
         self.page_size, self.scale, self.pages_per_item = page_size, scale, pages_per_item
+        self.head_dim = head_dim
         self.device = torch.device(device)
-        self._host: list[torch.Tensor] = [torch.empty(0, dtype=torch.int32)] * 2
+        self.capacity = {"items": 0, "rows": 0, "tokens": 0}
+        self._host: list[torch.Tensor] = []
         self._copied: list[torch.cuda.Event | None] = [None, None]
         self._turn = 0
-        self._dev = torch.empty(0, dtype=torch.int32, device=self.device)
         self.worklist: dict[str, torch.Tensor] = {}
         self.block_table: torch.Tensor | None = None
 
@@ -196,35 +209,47 @@ class TritonCascade:
 
         wl = build_worklist(plan, seq_lens, query_start_loc, self.page_size, BLOCK_M // self.group,
                             self.pages_per_item)
-        arrays = [getattr(wl, f) for f in self.FIELDS] + [np.array([wl.num_items]), np.array([len(wl.q_pos)])]
-        names = list(self.FIELDS) + ["num_items", "num_tokens"]
-        total = sum(len(a) for a in arrays)
-        host = self._staging(total)
-        views, offset = {}, 0
-        for name, array in zip(names, arrays):
-            host[offset : offset + len(array)].numpy()[:] = array
-            views[name] = (offset, len(array))
-            offset += len(array)
+        need = {"items": wl.num_items, "rows": wl.num_partial_rows, "tokens": len(wl.q_pos)}
+        if any(need[k] > self.capacity[k] for k in need):
+            self._grow({k: max(self.capacity[k], 2 * need[k], 16) for k in need})
+        host = self._next_host()
+        arrays = {name: getattr(wl, name) for name in WorkList.__dataclass_fields__}
+        arrays.update(num_items=[wl.num_items], num_tokens=[len(wl.q_pos)])
+        for name, (offset, size) in self._layout.items():
+            array = np.asarray(arrays[name], dtype=np.int32)
+            host[offset : offset + len(array)] = torch.from_numpy(array)
         if self.device.type == "cpu":
-            dev = host
+            self._dev.copy_(host)
         else:
-            if self._dev.numel() < total:
-                self._dev = torch.empty(2 * total, dtype=torch.int32, device=self.device)
-            self._dev[:total].copy_(host[:total], non_blocking=True)
+            self._dev.copy_(host, non_blocking=True)
             self._copied[self._turn] = torch.cuda.Event()
             self._copied[self._turn].record()
-            dev = self._dev
-        self.worklist = {name: dev[o : o + n] for name, (o, n) in views.items()}
         self.block_table = block_table
 
-    def _staging(self, size: int) -> torch.Tensor:
+    def run(self, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor) -> None:
+        cascade_attention_triton(query, k_cache, v_cache, self.block_table, self.worklist, self.scale, out,
+                                 max_items=self.capacity["items"], max_tokens=self.capacity["tokens"],
+                                 partials=self.partials)
+
+    def _grow(self, capacity: dict[str, int]) -> None:
+        """New regions (pointers change: a captured graph must be captured again after this)."""
+        self.capacity = capacity
+        self._layout, offset = {}, 0
+        for name, (key, extra) in _REGIONS.items():
+            size = (capacity[key] if key else 0) + extra
+            self._layout[name] = (offset, size)
+            offset += size
+        pinned = self.device.type == "cuda"
+        self._host = [torch.zeros(offset, dtype=torch.int32, pin_memory=pinned) for _ in range(2)]
+        self._copied = [None, None]
+        self._dev = torch.zeros(offset, dtype=torch.int32, device=self.device)
+        self.worklist = {name: self._dev[o : o + n] for name, (o, n) in self._layout.items()}
+        rows = capacity["rows"]
+        self.partials = (torch.empty(rows, self.num_qo_heads, self.head_dim, dtype=torch.float32, device=self.device),
+                         torch.empty(rows, self.num_qo_heads, dtype=torch.float32, device=self.device))
+
+    def _next_host(self) -> torch.Tensor:
         self._turn ^= 1
         if self._copied[self._turn] is not None:
-            self._copied[self._turn].synchronize()  # its copy was queued two steps ago
-        if self._host[self._turn].numel() < size:
-            pinned = self.device.type == "cuda"
-            self._host[self._turn] = torch.empty(2 * size, dtype=torch.int32, pin_memory=pinned)
+            self._copied[self._turn].synchronize()  # its upload was queued two steps ago
         return self._host[self._turn]
-
-    def run(self, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor) -> None:
-        cascade_attention_triton(query, k_cache, v_cache, self.block_table, self.worklist, self.scale, out)
