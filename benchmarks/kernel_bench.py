@@ -93,7 +93,7 @@ def main() -> None:
     plan_us = (time.perf_counter() - t0) * 1e6
     ours = FlashInferCascade(torch.device("cuda"), hq, hkv, d, page, torch.bfloat16, scale, 2)
     t0 = time.perf_counter()
-    ours.plan(plan, bt, table, seq_lens, qsl)
+    ours.plan(plan, bt, seq_lens, qsl)
     torch.cuda.synchronize()
     fi_plan_us = (time.perf_counter() - t0) * 1e6
 
@@ -110,7 +110,7 @@ def main() -> None:
     for pages_per_item in (8, 16, 32, 64):
         tc = TritonCascade(hq, hkv, page, scale, pages_per_item=pages_per_item, head_dim=d)
         t0 = time.perf_counter()
-        tc.plan(plan, bt, table, seq_lens, qsl)
+        tc.plan(plan, bt, seq_lens, qsl)
         torch.cuda.synchronize()
         host[f"triton work list ({pages_per_item} pages/item)"] = (time.perf_counter() - t0) * 1e6
         variants[f"cascade backend, gpu_kernel=triton, {pages_per_item} pages/item"] = into(tc.run, torch.empty_like(q))

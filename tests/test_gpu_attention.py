@@ -31,7 +31,7 @@ def test_flashinfer_matches_torch(head_dim, page, group, cascade):
         scale = head_dim**-0.5
         fi = FlashInferCascade(torch.device("cuda"), hkv * group, hkv, head_dim, page, torch.bfloat16, scale)
         bt = torch.from_numpy(table).to("cuda", torch.int32)
-        fi.plan(plan, bt, table, seq_lens, qsl)
+        fi.plan(plan, bt, seq_lens, qsl)
         out = torch.full_like(q, float("nan"))
         fi.run(q, k, v, out)
         ref = torch.empty(q.shape, dtype=torch.float32)

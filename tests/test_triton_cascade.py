@@ -112,7 +112,7 @@ def test_triton_cascade_steps(triton_cascade):
             kernel = triton_cascade.TritonCascade(q.shape[1], k.shape[1], k.shape[2], 16**-0.5, pages_per_item=2,
                                                   device=device, head_dim=16)
         cache = torch.cat([k, v], dim=-1).to(device)
-        kernel.plan(plan, torch.from_numpy(table).to(device, torch.int32), table, seq_lens, qsl)
+        kernel.plan(plan, torch.from_numpy(table).to(device, torch.int32), seq_lens, qsl)
         out = torch.full_like(q, float("nan"), device=device)
         kernel.run(q.to(device), cache[..., :16], cache[..., 16:], out)
         tol = 2e-3 if ON_GPU else 1e-4

@@ -128,12 +128,10 @@ class CascadeMetadataBuilder(AttentionMetadataBuilder[CascadeMetadata]):
         block_table = cm.block_table_tensor[:num_rows]
         query_lens = np.diff(query_start_loc)
 
-        host_table = None
         plan = flat_plan(seq_lens, self.page_size)
         if self._may_share(seq_lens, query_lens):
-            host_table = self._host_block_table(cm, num_rows)
             plan = plan_cascade(
-                host_table,
+                self._host_block_table(cm, block_table),
                 seq_lens,
                 query_lens,
                 self.page_size,
@@ -144,7 +142,7 @@ class CascadeMetadataBuilder(AttentionMetadataBuilder[CascadeMetadata]):
         level_pages, level_queries = plan.level_summary(query_lens)
         STATS.record_step(plan.num_levels, level_pages, level_queries, plan.flat_pages_read, self.group_page_bytes)
         if self.kernel is not None:
-            self.kernel.plan(plan, block_table, host_table, seq_lens, query_start_loc)
+            self.kernel.plan(plan, block_table, seq_lens, query_start_loc)
         return CascadeMetadata(
             num_actual_tokens=cm.num_actual_tokens,
             query_start_loc=query_start_loc,
@@ -155,16 +153,15 @@ class CascadeMetadataBuilder(AttentionMetadataBuilder[CascadeMetadata]):
         )
 
     @staticmethod
-    def _host_block_table(cm: CommonAttentionMetadata, num_rows: int) -> np.ndarray:
-        """This step's block-table rows on the host; columns past a row's pages may be stale."""
-        table = cm.block_table_tensor[:num_rows]
+    def _host_block_table(cm: CommonAttentionMetadata, table: torch.Tensor) -> np.ndarray:
+        """`table` (this step's rows, on its device) on the host; columns past a row's pages may be stale."""
         if table.device.type == "cpu":
             STATS.block_table_reads["cpu"] += 1
             return table.numpy()
         mirror = vllm_compat.host_block_ids()
         if mirror is not None and cm.req_idx is not None and len(mirror.tables) == 1:
             STATS.block_table_reads["host_mirror"] += 1
-            rows = np.zeros((num_rows, mirror.tables[0].shape[1]), dtype=np.int32)  # padded rows: seq_len 0
+            rows = np.zeros((len(table), mirror.tables[0].shape[1]), dtype=np.int32)  # padded rows: seq_len 0
             rows[: len(cm.req_idx)] = mirror.rows(0, cm.req_idx)
             return rows
         # V1 runner, several KV-cache groups, speculators: the copy waits for the device.

@@ -16,7 +16,7 @@ Example (GPU only):
     >>> seq, qsl = np.array([40, 40]), np.array([0, 1, 2])
     >>> plan = plan_cascade(bt.cpu().numpy(), seq, np.diff(qsl), page, min_saved_pages=1)
     >>> fi = FlashInferCascade(torch.device("cuda"), hq, hkv, d, page, torch.bfloat16, scale=d**-0.5)
-    >>> fi.plan(plan, bt, bt.cpu().numpy(), seq, qsl)
+    >>> fi.plan(plan, bt, seq, qsl)
     >>> out = torch.empty(2, hq, d, device="cuda", dtype=torch.bfloat16)
     >>> fi.run(torch.randn(2, hq, d, device="cuda", dtype=torch.bfloat16), k, v, out)
 """
@@ -60,11 +60,10 @@ class FlashInferCascade:
         self,
         plan: CascadePlan,
         block_table: torch.Tensor,
-        block_table_host: np.ndarray | None,
         seq_lens: np.ndarray,
         query_start_loc: np.ndarray,
     ) -> None:
-        """Host work of one step. `block_table_host` is needed only when the plan cascades."""
+        """Host work of one step; shared levels take their pages from the plan, the own level from the device."""
         num_rows = len(seq_lens)
         first = plan.own_first_page
         pages_end = (seq_lens + self.page_size - 1) // self.page_size

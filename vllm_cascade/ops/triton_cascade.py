@@ -203,8 +203,7 @@ class TritonCascade:
         self.worklist: dict[str, torch.Tensor] = {}
         self.block_table: torch.Tensor | None = None
 
-    def plan(self, plan, block_table: torch.Tensor, block_table_host, seq_lens: np.ndarray,
-             query_start_loc: np.ndarray) -> None:
+    def plan(self, plan, block_table: torch.Tensor, seq_lens: np.ndarray, query_start_loc: np.ndarray) -> None:
         from vllm_cascade.attention.worklist import build_worklist
 
         wl = build_worklist(plan, seq_lens, query_start_loc, self.page_size, BLOCK_M // self.group,
