@@ -86,16 +86,16 @@ def test_fused_kernels_match_reference(triton_cascade, seed):
     g = [1, 2, 4, 8][seed % 4]
     d = [16, 32][seed % 2]
     _, table, seq_lens, qsl, q, k, v, plan, ref = batch(seed, g=g, d=d)
-    wl = build_worklist(plan, seq_lens, qsl, k.shape[2], tokens_per_item=triton_cascade.BLOCK_M // g,
-                        pages_per_item=2)
     device = "cuda" if ON_GPU else "cpu"
+    kernel = triton_cascade.TritonCascade(q.shape[1], k.shape[1], k.shape[2], d**-0.5, pages_per_item=2,
+                                          device=device, head_dim=d)
     cache = torch.cat([k, v], dim=-1).to(device)  # the [pages, H, N, 2D] layout of the backend
+    kernel.plan(plan, torch.from_numpy(table).to(device, torch.int32), seq_lens, qsl)
+    # Grids are the capacities, larger than this step needs, as under CUDA graphs.
+    assert kernel.capacity["items"] > kernel.worklist["num_items"].item()
+    assert kernel.capacity["tokens"] > q.shape[0]
     out = torch.full_like(q, float("nan"), device=device)
-    triton_cascade.cascade_attention_triton(
-        q.to(device), cache[..., :d], cache[..., d:], torch.from_numpy(table).to(device, torch.int32),
-        triton_cascade.to_device(wl, device), d**-0.5, out,
-        max_items=wl.num_items + 3, max_tokens=q.shape[0] + 2,  # larger grids, as under CUDA graphs
-    )
+    kernel.run(q.to(device), cache[..., :d], cache[..., d:], out)
     tol = 2e-3 if ON_GPU else 1e-4  # GPU dots round inputs to tf32
     torch.testing.assert_close(out.cpu(), ref, atol=tol, rtol=tol)
 

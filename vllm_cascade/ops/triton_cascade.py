@@ -13,9 +13,10 @@ Runs under `TRITON_INTERPRET=1` on the CPU (that is how the tests check it
 without a GPU; set the variable before this module is imported).
 
 Example (see tests/test_triton_cascade.py for a complete, checked one):
-    q [T, Hq, D]; k_cache, v_cache [pages, Hkv, N, D]; block_table [rows, P] int32
-    wl = build_worklist(plan, seq_lens, qsl, N, tokens_per_item=BLOCK_M // G, pages_per_item=16)
-    cascade_attention_triton(q, k_cache, v_cache, block_table, to_device(wl, q.device), scale, out)
+    q [T, Hq, D]; k_cache, v_cache [pages, Hkv, N, D]; block_table [rows, P] int32 on the device
+    kernel = TritonCascade(Hq, Hkv, N, scale, device="cuda", head_dim=D)
+    kernel.plan(plan, block_table, seq_lens, query_start_loc)   # once per step
+    kernel.run(q, k_cache, v_cache, out)                        # per layer
 """
 
 from __future__ import annotations
@@ -118,15 +119,6 @@ def _merge_kernel(
         tl.store(OUT + t * stride_ot + hq * stride_oh + d, (acc / l).to(OUT.dtype.element_ty))
 
 
-def to_device(wl: WorkList, device: torch.device) -> dict[str, torch.Tensor]:
-    """The work list as int32 device tensors, sized to this step (TritonCascade keeps fixed regions instead)."""
-    arrays = {name: getattr(wl, name) for name in WorkList.__dataclass_fields__}
-    tensors = {k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.int32)).to(device) for k, v in arrays.items()}
-    tensors["num_items"] = torch.tensor([wl.num_items], dtype=torch.int32, device=device)
-    tensors["num_tokens"] = torch.tensor([len(wl.q_pos)], dtype=torch.int32, device=device)
-    return tensors
-
-
 def cascade_attention_triton(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -135,25 +127,20 @@ def cascade_attention_triton(
     wl: dict[str, torch.Tensor],
     scale: float,
     out: torch.Tensor,
-    max_items: int | None = None,
-    max_tokens: int | None = None,
-    partials: tuple[torch.Tensor, torch.Tensor] | None = None,
+    max_items: int,
+    max_tokens: int,
+    partials: tuple[torch.Tensor, torch.Tensor],
 ) -> None:
     """q [T, Hq, D]; k/v caches [pages, Hkv, N, D] (same strides, last dim contiguous); out [T, Hq, D].
 
-    Grids are max_items x Hkv and max_tokens x Hq (default: this step's counts).
-    `partials` = (o [rows, Hq, D] float32, lse [rows, Hq] float32), rows >= the work list's partial rows.
+    `wl` holds a work list's fields (and num_items, num_tokens) as int32 device tensors. Grids are
+    max_items x Hkv and max_tokens x Hq. `partials` = (o [rows, Hq, D], lse [rows, Hq]), float32,
+    rows >= the work list's partial rows.
     """
-    num_tokens, num_heads, head_dim = q.shape
+    num_heads, head_dim = q.shape[1:]
     num_kv_heads, page = k_cache.shape[1], k_cache.shape[2]
     g = num_heads // num_kv_heads
     assert k_cache.stride() == v_cache.stride() and k_cache.stride(3) == 1 and g <= BLOCK_M
-    max_items = max_items or len(wl["q_off"])
-    max_tokens = max_tokens or num_tokens
-    if partials is None:
-        rows = len(wl["contrib_row"])
-        partials = (torch.empty(rows, num_heads, head_dim, dtype=torch.float32, device=q.device),
-                    torch.empty(rows, num_heads, dtype=torch.float32, device=q.device))
     o_part, l_part = partials
     _partials_kernel[(max_items, num_kv_heads)](
         q, k_cache, v_cache, block_table, o_part, l_part,
