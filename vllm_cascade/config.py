@@ -35,7 +35,7 @@ class CascadeConfig:
         for f in fields(cls):
             raw = given.get(f.name, os.environ.get(f"CASCADE_{f.name.upper()}"))
             if raw is not None:
-                values[f.name] = _parse(raw, type(f.default))
+                values[f.name] = parse_setting(raw, type(f.default))
         config = cls(**values)
         if config.max_cascade_levels < 1:
             raise ValueError("max_cascade_levels must be >= 1")
@@ -57,7 +57,8 @@ class CascadeConfig:
         return cls.from_vllm(vllm_config)
 
 
-def _parse(raw: Any, kind: type) -> Any:
+def parse_setting(raw: Any, kind: type) -> Any:
+    """A setting from JSON or the environment; booleans accept 1/true/yes/on."""
     if kind is bool and isinstance(raw, str):
         return raw.strip().lower() in ("1", "true", "yes", "on")
     return kind(raw)

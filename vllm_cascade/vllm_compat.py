@@ -100,9 +100,11 @@ def register_models() -> None:
 
     from vllm import ModelRegistry
 
+    from vllm_cascade.config import parse_setting
+
     path = "vllm_cascade.models.qwen3:CascadeQwen3ForCausalLM"
     archs = ["CascadeQwen3ForCausalLM"]
-    if os.environ.get("CASCADE_FUSED_QWEN3", "0").lower() in ("1", "true", "yes", "on"):
+    if parse_setting(os.environ.get("CASCADE_FUSED_QWEN3", "0"), bool):
         archs.append("Qwen3ForCausalLM")  # replaces vLLM's own class for every Qwen3 checkpoint
     for arch in archs:
         ModelRegistry.register_model(arch, path)
