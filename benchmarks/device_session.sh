@@ -21,9 +21,9 @@ start)
         step gpu-tests python3 -m pytest -q tests/test_gpu_attention.py tests/test_triton_cascade.py
         step kernel-bench python3 benchmarks/kernel_bench.py
         step throughput python3 benchmarks/throughput.py --model .models/qwen3-0.6b \
-            --backends FLASH_ATTN,FLASHINFER,CASCADE,CASCADE:triton --log-dir '"$RUN"'
+            --backends FLASHINFER,CASCADE:triton,FLASH_ATTN --log-dir '"$RUN"'
         step gpu-check python3 benchmarks/gpu_check.py --model .models/qwen3-0.6b \
-            --backends FLASH_ATTN,FLASHINFER,CASCADE,CASCADE:triton --log-dir '"$RUN"'
+            --backends FLASH_ATTN,CASCADE:triton --log-dir '"$RUN"'
         echo "$(date +%T) all done" >> '"$RUN"'/progress
     ' > "$RUN/session.log" 2>&1 < /dev/null &
     echo "started in the background; poll with: bash benchmarks/device_session.sh poll"
@@ -34,11 +34,14 @@ poll)
         [ -f "$log" ] || continue
         echo "== $(basename "$log"): $(tail -n 1 "$log" | cut -c1-200)"
     done
-    # What comes back: at most 8 files; the step logs and the throughput table first.
+    # What comes back: at most 8 files; the step logs, then the tails of the per-backend engine logs.
     if [ -n "${OUT:-}" ]; then
         for f in progress gpu-tests.log kernel-bench.log throughput.log gpu-check.log session.log; do
             [ -f "$RUN/$f" ] && cp "$RUN/$f" "$OUT/"
         done
+        for log in "$RUN"/tput-*.log "$RUN"/check-*.log; do
+            [ -f "$log" ] && { echo "=== $(basename "$log")"; tail -n 80 "$log"; }
+        done > "$OUT/engine-tails.txt" 2>/dev/null
     fi
     ;;
 *)

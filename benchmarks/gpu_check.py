@@ -18,7 +18,7 @@ import json
 import os
 import tempfile
 
-from harness import backend_arguments, engine_backend, run_per_backend
+from harness import backend_arguments, stats_line, engine_backend, run_per_backend
 
 BACKENDS = ["FLASH_ATTN", "FLASHINFER", "CASCADE"]
 
@@ -78,7 +78,8 @@ def main() -> None:
     child = ["--model", args.model, "--tokens", str(args.tokens)]
     found, stats = run_per_backend(__file__, child, args.backends.split(","), "check", args.log_dir)
     results = {backend: r["outputs"] for backend, r in found.items()}
-    print("CASCADE worker stats:", stats)
+    for name, counters in stats.items():
+        print(f"{name} worker stats: {stats_line(counters)}")
     total = sum(len(o["ids"]) for o in next(iter(results.values()), []))
     print(f"\n{'backend':<12} {'vs':<12} {'identical requests':>20} {'equal-prefix tokens':>20} {'max |dlogprob|':>15}")
     for ref in ("FLASH_ATTN", "FLASHINFER"):

@@ -15,7 +15,7 @@ import json
 import random
 import time
 
-from harness import backend_arguments, engine_backend, run_per_backend
+from harness import backend_arguments, stats_line, engine_backend, run_per_backend
 
 BACKENDS = ["FLASH_ATTN", "FLASHINFER", "CASCADE"]
 VOCAB = 150_000
@@ -70,7 +70,8 @@ def main() -> None:
         return run_backend(args)
     child = ["--model", args.model, "--workloads", args.workloads]
     table, stats = run_per_backend(__file__, child, args.backends.split(","), "tput", args.log_dir)
-    print("CASCADE worker stats:", stats)
+    for name, counters in stats.items():
+        print(f"{name} worker stats: {stats_line(counters)}")
     cascades = [b for b in table if b.startswith("CASCADE")]
     print(f"\n{'workload':<10} " + " ".join(f"{b:>15}" for b in table)
           + "".join(f"   {b + '/best stock':>22}" for b in cascades))

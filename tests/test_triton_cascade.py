@@ -43,8 +43,11 @@ def test_worklist_covers_every_key_once(seed):
     """Run the items with torch: same result as the plan's reference attention."""
     rng, table, seq_lens, qsl, q, k, v, plan, ref = batch(seed, g=2, d=16)
     page = k.shape[2]
-    wl = build_worklist(plan, seq_lens, qsl, page, tokens_per_item=int(rng.integers(1, 5)),
-                        pages_per_item=int(rng.integers(1, 4)))
+    narrow = int(rng.integers(1, 5))
+    wl = build_worklist(plan, seq_lens, qsl, page, tokens_per_item=narrow, pages_per_item=int(rng.integers(1, 4)),
+                        wide_tokens_per_item=narrow + int(rng.integers(0, 6)))
+    assert (wl.q_len[: wl.num_wide] > narrow).any() or wl.num_wide == 0
+    assert (wl.q_len[wl.num_wide :] <= narrow).all()
     partial = {}  # partial row -> (out, lse) of one token
     for w in range(wl.num_items):
         tokens = torch.from_numpy(wl.q_tokens[wl.q_off[w] : wl.q_off[w] + wl.q_len[w]].astype(np.int64))
@@ -73,11 +76,12 @@ def triton_cascade():
 
 @pytest.mark.skipif(ON_GPU or INTERPRETED, reason="the kernel cases run directly in this process")
 def test_fused_kernels_under_the_interpreter():
-    cases = [f"{__file__}::{name}" for name in ("test_fused_kernels_match_reference", "test_triton_cascade_steps")]
+    names = ("test_fused_kernels_match_reference", "test_triton_cascade_steps", "test_fixed_capacity")
+    cases = [f"{__file__}::{name}" for name in names]
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *cases]
     proc = subprocess.run(cmd, env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True,
                           timeout=600, cwd=os.path.dirname(__file__))
-    assert proc.returncode == 0 and "9 passed" in proc.stdout, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert proc.returncode == 0 and "10 passed" in proc.stdout, proc.stdout[-4000:] + proc.stderr[-2000:]
 
 
 @pytest.mark.skipif(not (ON_GPU or INTERPRETED), reason="needs a GPU or TRITON_INTERPRET=1 from process start")
@@ -88,11 +92,11 @@ def test_fused_kernels_match_reference(triton_cascade, seed):
     _, table, seq_lens, qsl, q, k, v, plan, ref = batch(seed, g=g, d=d)
     device = "cuda" if ON_GPU else "cpu"
     kernel = triton_cascade.TritonCascade(q.shape[1], k.shape[1], k.shape[2], d**-0.5, pages_per_item=2,
-                                          device=device, head_dim=d)
+                                          device=device, head_dim=d, wide_m=[16, 32, 64][seed % 3])
     cache = torch.cat([k, v], dim=-1).to(device)  # the [pages, H, N, 2D] layout of the backend
     kernel.plan(plan, torch.from_numpy(table).to(device, torch.int32), seq_lens, qsl)
-    # Grids are the capacities, larger than this step needs, as under CUDA graphs.
-    assert kernel.capacity["items"] > kernel.worklist["num_items"].item()
+    # Buffers larger than this step needs, as under CUDA graphs.
+    assert kernel.capacity["items"] > kernel.worklist["item_range"][2].item()
     assert kernel.capacity["tokens"] > q.shape[0]
     out = torch.full_like(q, float("nan"), device=device)
     kernel.run(q.to(device), cache[..., :d], cache[..., d:], out)
@@ -122,3 +126,28 @@ def test_triton_cascade_steps(triton_cascade):
     for (cap_a, *ptrs_a), (cap_b, *ptrs_b) in zip(capacities, capacities[1:]):
         assert cap_a != cap_b or ptrs_a == ptrs_b
     assert len({str(c[0]) for c in capacities}) < len(capacities)  # some steps reused the buffers
+
+
+@pytest.mark.skipif(not (ON_GPU or INTERPRETED), reason="needs a GPU or TRITON_INTERPRET=1 from process start")
+def test_fixed_capacity(triton_cascade):
+    """Fixed buffers (CUDA graphs) never move; a step too big for them is cut into longer KV runs."""
+    device = "cuda" if ON_GPU else "cpu"
+    steps = [batch(seed, g=2, d=16, hkv=2, max_levels=3) for seed in range(21, 27)]
+    # The least that always fits: one KV run per (tile, level).
+    unsplit = [build_worklist(plan, seq, qsl, 8, 8, 1 << 20, 32) for _, _, seq, qsl, _, _, _, plan, _ in steps]
+    capacity = {"tokens": max(len(wl.q_pos) for wl in unsplit), "rows": max(wl.num_partial_rows for wl in unsplit),
+                "items": max(wl.num_items for wl in unsplit)}
+    kernel = triton_cascade.TritonCascade(4, 2, 8, 16**-0.5, pages_per_item=1, device=device, head_dim=16,
+                                          capacity=capacity)
+    pointers, stretched = set(), 0
+    for _, table, seq_lens, qsl, q, k, v, plan, ref in steps:
+        cache = torch.cat([k, v], dim=-1).to(device)
+        kernel.plan(plan, torch.from_numpy(table).to(device, torch.int32), seq_lens, qsl)
+        stretched += kernel.last_pages_per_item > 1
+        out = torch.full_like(q, float("nan"), device=device)
+        kernel.run(q.to(device), cache[..., :16], cache[..., 16:], out)
+        tol = 2e-3 if ON_GPU else 1e-4
+        torch.testing.assert_close(out.cpu(), ref, atol=tol, rtol=tol)
+        pointers.add((kernel.worklist["q_off"].data_ptr(), kernel.partials[0].data_ptr()))
+    assert len(pointers) == 1
+    assert stretched  # some step did not fit one page per item

@@ -87,8 +87,13 @@ class CascadeMetadata:
 
 
 class CascadeMetadataBuilder(AttentionMetadataBuilder[CascadeMetadata]):
-    # Planning reads the block table on the host each step: not capturable yet.
-    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER
+    @classmethod
+    def get_cudagraph_support(cls, vllm_config: VllmConfig, kv_cache_spec) -> AttentionCGSupport:
+        # The Triton path plans decode steps into fixed buffers read by persistent kernels, so a FULL
+        # graph captured once replays any decode step. FlashInfer's wrappers re-plan: piecewise only.
+        if CascadeConfig.from_vllm(vllm_config).gpu_kernel == "triton" and torch.cuda.is_available():
+            return AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
+        return AttentionCGSupport.NEVER
 
     def __init__(self, kv_cache_spec, layer_names: list[str], vllm_config: VllmConfig, device: torch.device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
@@ -96,13 +101,22 @@ class CascadeMetadataBuilder(AttentionMetadataBuilder[CascadeMetadata]):
         self.page_size = kv_cache_spec.block_size
         self.group_page_bytes = kv_cache_spec.page_size_bytes * len(layer_names)  # one page, every layer
         self.kernel: FlashInferCascade | TritonCascade | None = None
+        self.decode_kernel: TritonCascade | None = None  # fixed buffers for decode steps (CUDA graphs)
         if device.type == "cuda":
             impl = _layer_impls(vllm_config, layer_names)[0]
             if self.config.gpu_kernel == "triton":
                 from vllm_cascade.ops.triton_cascade import TritonCascade
 
-                self.kernel = TritonCascade(impl.num_heads, impl.num_kv_heads, self.page_size, impl.scale,
-                                            device=device, head_dim=impl.head_size)
+                def triton(capacity: dict[str, int] | None = None) -> TritonCascade:
+                    return TritonCascade(impl.num_heads, impl.num_kv_heads, self.page_size, impl.scale,
+                                         device=device, head_dim=impl.head_size, capacity=capacity)
+
+                self.kernel = triton()
+                max_decode = vllm_config.compilation_config.max_cudagraph_capture_size or 0
+                if max_decode:
+                    # One KV run per (tile, level) always fits these; the slack lets long contexts split.
+                    runs = 2 * max_decode * self.config.max_cascade_levels + 512
+                    self.decode_kernel = triton({"tokens": max_decode, "rows": runs, "items": runs})
             else:
                 from vllm_cascade.ops.flashinfer_attention import FlashInferCascade
 
@@ -141,15 +155,19 @@ class CascadeMetadataBuilder(AttentionMetadataBuilder[CascadeMetadata]):
             )
         level_pages, level_queries = plan.level_summary(query_lens)
         STATS.record_step(plan.num_levels, level_pages, level_queries, plan.flat_pages_read, self.group_page_bytes)
-        if self.kernel is not None:
-            self.kernel.plan(plan, block_table, seq_lens, query_start_loc)
+        kernel = self.kernel
+        decode = self.decode_kernel
+        if decode is not None and cm.max_query_len <= 1 and query_start_loc[-1] <= decode.capacity["tokens"]:
+            kernel = decode  # the buffers a captured decode graph reads
+        if kernel is not None:
+            kernel.plan(plan, block_table, seq_lens, query_start_loc)
         return CascadeMetadata(
             num_actual_tokens=cm.num_actual_tokens,
             query_start_loc=query_start_loc,
             seq_lens=seq_lens,
             block_table=block_table,
             plan=plan,
-            kernel=self.kernel,
+            kernel=kernel,
         )
 
     @staticmethod

@@ -1,13 +1,14 @@
-"""Fused cascade attention in Triton: every level in one launch, one merge launch.
+"""Fused cascade attention in Triton: every level in one pass, then one merge.
 
-`cascade_partials` runs a program per (work item, KV head) of a WorkList
-(attention/worklist.py): one tile of query tokens (all G query heads of the KV
-head) against one run of KV pages, online softmax in base 2, and writes the
-tile's normalized output and log2-sum-exp. `merge_partials` runs a program per
-(token, query head) and merges the token's partials exactly. Both grids can be
-sized for the largest step, with the real counts read from device memory, so
-the launches are capturable in a CUDA graph once the work list lives in
-persistent buffers.
+`_partials_kernel` computes work items of a WorkList (attention/worklist.py):
+one tile of query tokens (all G query heads of a KV head) against one run of
+KV pages, online softmax in base 2, writing the tile's normalized output and
+log2-sum-exp. It is launched twice per layer: wide tiles (a shared level's
+many queries, so its pages are read once per wide tile) and narrow ones
+(decode rows). `_merge_kernel` merges each (token, query head)'s partials
+exactly. All three are persistent (a fixed grid striding over counts read
+from device memory), so a CUDA graph captured once replays any later step
+whose work list fits the same buffers.
 
 Runs under `TRITON_INTERPRET=1` on the CPU (that is how the tests check it
 without a GPU; set the variable before this module is imported).
@@ -28,23 +29,23 @@ import triton.language as tl
 
 from vllm_cascade.attention.worklist import WorkList
 
-BLOCK_M = 16  # query rows (tokens x G) per program
+NARROW_M = 16  # query rows (tokens x G) per program for decode-sized groups; tl.dot needs >= 16
 BLOCK_N = 32  # keys per inner step
 
 
 @triton.jit
 def _partials_kernel(
     Q, K, V, BT, O_PART, L_PART,
-    item_q_off, item_q_len, item_bt_row, item_page_start, item_kv_len, item_causal, item_part, num_items_ptr,
+    item_q_off, item_q_len, item_bt_row, item_page_start, item_kv_len, item_causal, item_part, item_range,
     q_tokens, q_pos,
     sm_scale_log2,
     stride_qt, stride_qh, stride_kp, stride_kh, stride_kn, stride_bt,
     G: tl.constexpr, PAGE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    w = tl.program_id(0)
+    # Persistent: the grid is fixed, programs stride over the items [range[0], range[1]) read from memory.
     h = tl.program_id(1)
     num_kv_heads = tl.num_programs(1)
-    if w < tl.load(num_items_ptr):
+    for w in range(tl.load(item_range) + tl.program_id(0), tl.load(item_range + 1), tl.num_programs(0)):
         q_off = tl.load(item_q_off + w)
         q_len = tl.load(item_q_len + w)
         bt_row = tl.load(item_bt_row + w).to(tl.int64)
@@ -99,11 +100,10 @@ def _merge_kernel(
     stride_ot, stride_oh,
     HEAD_DIM: tl.constexpr,
 ):  # fmt: skip
-    t = tl.program_id(0)
     hq = tl.program_id(1)
-    if t < tl.load(num_tokens_ptr):
-        num_heads = tl.num_programs(1)
-        d = tl.arange(0, HEAD_DIM)
+    num_heads = tl.num_programs(1)
+    d = tl.arange(0, HEAD_DIM)
+    for t in range(tl.program_id(0), tl.load(num_tokens_ptr), tl.num_programs(0)):
         m = tl.full([], float("-inf"), tl.float32)
         l = tl.zeros([], tl.float32)  # noqa: E741
         acc = tl.zeros([HEAD_DIM], tl.float32)
@@ -116,7 +116,8 @@ def _merge_kernel(
             acc = acc * old + tl.load(O_PART + slot * HEAD_DIM + d) * new
             l = l * old + new  # noqa: E741
             m = m_new
-        tl.store(OUT + t * stride_ot + hq * stride_oh + d, (acc / l).to(OUT.dtype.element_ty))
+        # A token that saw no key (a padded row under CUDA graphs) gets zeros, not NaN.
+        tl.store(OUT + t * stride_ot + hq * stride_oh + d, (acc / tl.where(l > 0, l, 1.0)).to(OUT.dtype.element_ty))
 
 
 def cascade_attention_triton(
@@ -127,30 +128,33 @@ def cascade_attention_triton(
     wl: dict[str, torch.Tensor],
     scale: float,
     out: torch.Tensor,
-    max_items: int,
-    max_tokens: int,
     partials: tuple[torch.Tensor, torch.Tensor],
+    wide_m: int,
+    programs: int,
 ) -> None:
     """q [T, Hq, D]; k/v caches [pages, Hkv, N, D] (same strides, last dim contiguous); out [T, Hq, D].
 
-    `wl` holds a work list's fields (and num_items, num_tokens) as int32 device tensors. Grids are
-    max_items x Hkv and max_tokens x Hq. `partials` = (o [rows, Hq, D], lse [rows, Hq]), float32,
-    rows >= the work list's partial rows.
+    `wl` holds a work list's fields as int32 device tensors, with `item_range` = [0, num_wide,
+    num_items] and `num_tokens`. Three persistent launches (wide items with `wide_m` query rows per
+    program, narrow items with NARROW_M, the merge), `programs` x heads programs each; the grids
+    do not depend on the step. `partials` = (o [rows, Hq, D], lse [rows, Hq]), float32.
     """
     num_heads, head_dim = q.shape[1:]
     num_kv_heads, page = k_cache.shape[1], k_cache.shape[2]
     g = num_heads // num_kv_heads
-    assert k_cache.stride() == v_cache.stride() and k_cache.stride(3) == 1 and g <= BLOCK_M
+    assert k_cache.stride() == v_cache.stride() and k_cache.stride(3) == 1 and g <= NARROW_M
     o_part, l_part = partials
-    _partials_kernel[(max_items, num_kv_heads)](
-        q, k_cache, v_cache, block_table, o_part, l_part,
-        wl["q_off"], wl["q_len"], wl["bt_row"], wl["page_start"], wl["kv_len"], wl["causal"], wl["item_part"],
-        wl["num_items"], wl["q_tokens"], wl["q_pos"],
-        scale * 1.4426950408889634,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_table.stride(0),
-        G=g, PAGE=page, HEAD_DIM=head_dim, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-    )  # fmt: skip
-    _merge_kernel[(max_tokens, num_heads)](
+    item_range = wl["item_range"]
+    for block_m, bounds in ((wide_m, item_range[0:2]), (NARROW_M, item_range[1:3])):
+        _partials_kernel[(programs, num_kv_heads)](
+            q, k_cache, v_cache, block_table, o_part, l_part,
+            wl["q_off"], wl["q_len"], wl["bt_row"], wl["page_start"], wl["kv_len"], wl["causal"], wl["item_part"],
+            bounds, wl["q_tokens"], wl["q_pos"],
+            scale * 1.4426950408889634,
+            q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_table.stride(0),
+            G=g, PAGE=page, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=BLOCK_N, num_warps=4 if block_m <= 64 else 8,
+        )  # fmt: skip
+    _merge_kernel[(programs, num_heads)](
         o_part, l_part, out, wl["contrib_off"], wl["contrib_row"], wl["num_tokens"],
         out.stride(0), out.stride(1), HEAD_DIM=head_dim,
     )  # fmt: skip
@@ -160,47 +164,70 @@ def cascade_attention_triton(
 _REGIONS = {"q_off": ("items", 0), "q_len": ("items", 0), "bt_row": ("items", 0), "page_start": ("items", 0),
             "kv_len": ("items", 0), "causal": ("items", 0), "item_part": ("items", 0), "q_tokens": ("rows", 0),
             "q_pos": ("tokens", 0), "contrib_off": ("tokens", 1), "contrib_row": ("rows", 0),
-            "num_items": (None, 1), "num_tokens": (None, 1)}
+            "item_range": (None, 3), "num_tokens": (None, 1)}
 
 
 class TritonCascade:
     """The fused path with the interface of FlashInferCascade: plan once per step, run per layer.
 
     Every work-list field has a fixed region of one int32 buffer, sized by
-    capacities (items, partial rows, tokens) that grow only when a step
-    exceeds them; the launch grids are the capacities. So between growths
-    the kernels' pointers and grids do not change from step to step, which
-    is what replaying a captured CUDA graph needs; only the buffer's contents
-    do. Each step fills a pinned host copy (two alternate, an event guards
-    reuse) and uploads it with one copy.
+    capacities (items, partial rows, tokens); the kernels are persistent, so
+    their grids never depend on the step. Each step fills a pinned host copy
+    (two alternate, an event guards reuse) and uploads it with one copy.
+
+    Two ways to size the buffers:
+    - `capacity=None`: they grow (to twice the need) when a step exceeds them;
+      the pointers change then. For eager steps.
+    - `capacity={"tokens": T, "rows": R, "items": I}`: allocated once, never
+      moved, which is what replaying a captured CUDA graph needs. A step that
+      would need more rows or items is cut into longer KV runs until it fits;
+      with R and I >= T * levels one run per (tile, level) always fits.
     """
 
     name = "triton"
 
     def __init__(self, num_qo_heads: int, num_kv_heads: int, page_size: int, scale: float,
-                 pages_per_item: int = 16, device: torch.device | str = "cuda", head_dim: int = 128) -> None:
+                 pages_per_item: int = 16, device: torch.device | str = "cuda", head_dim: int = 128,
+                 wide_m: int = 64, capacity: dict[str, int] | None = None) -> None:
         self.num_qo_heads, self.group = num_qo_heads, num_qo_heads // num_kv_heads
         self.page_size, self.scale, self.pages_per_item = page_size, scale, pages_per_item
-        self.head_dim = head_dim
+        self.head_dim, self.wide_m = head_dim, max(wide_m, NARROW_M)
         self.device = torch.device(device)
+        sms = torch.cuda.get_device_properties(self.device).multi_processor_count if self.device.type == "cuda" else 1
+        self.programs = max(2, 4 * sms // num_kv_heads)
+        self.fixed = capacity is not None
         self.capacity = {"items": 0, "rows": 0, "tokens": 0}
         self._host: list[torch.Tensor] = []
         self._copied: list[torch.cuda.Event | None] = [None, None]
         self._turn = 0
         self.worklist: dict[str, torch.Tensor] = {}
         self.block_table: torch.Tensor | None = None
+        self.last_pages_per_item = pages_per_item
+        if capacity is not None:
+            self._allocate(capacity)
 
     def plan(self, plan, block_table: torch.Tensor, seq_lens: np.ndarray, query_start_loc: np.ndarray) -> None:
         from vllm_cascade.attention.worklist import build_worklist
 
-        wl = build_worklist(plan, seq_lens, query_start_loc, self.page_size, BLOCK_M // self.group,
-                            self.pages_per_item)
-        need = {"items": wl.num_items, "rows": wl.num_partial_rows, "tokens": len(wl.q_pos)}
-        if any(need[k] > self.capacity[k] for k in need):
-            self._grow({k: max(self.capacity[k], 2 * need[k], 16) for k in need})
+        pages_per_item = self.pages_per_item
+        max_pages = -(-int(np.max(seq_lens, initial=0)) // self.page_size)
+        while True:
+            wl = build_worklist(plan, seq_lens, query_start_loc, self.page_size, NARROW_M // self.group,
+                                pages_per_item, self.wide_m // self.group)
+            need = {"items": wl.num_items, "rows": wl.num_partial_rows, "tokens": len(wl.q_pos)}
+            short = [k for k in need if need[k] > self.capacity[k]]
+            if not short:
+                break
+            if not self.fixed:
+                self._allocate({k: max(self.capacity[k], 2 * need[k], 16) for k in need})
+                break
+            if "tokens" in short or pages_per_item >= max_pages:
+                raise RuntimeError(f"Cascade step needs {need}, over the fixed capacity {self.capacity}")
+            pages_per_item *= 2
+        self.last_pages_per_item = pages_per_item
         host = self._next_host()
-        arrays = {name: getattr(wl, name) for name in WorkList.__dataclass_fields__}
-        arrays.update(num_items=[wl.num_items], num_tokens=[len(wl.q_pos)])
+        arrays = {name: getattr(wl, name) for name in WorkList.__dataclass_fields__ if name != "num_wide"}
+        arrays.update(item_range=[0, wl.num_wide, wl.num_items], num_tokens=[len(wl.q_pos)])
         for name, (offset, size) in self._layout.items():
             array = np.asarray(arrays[name], dtype=np.int32)
             host[offset : offset + len(array)] = torch.from_numpy(array)
@@ -214,12 +241,11 @@ class TritonCascade:
 
     def run(self, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor) -> None:
         cascade_attention_triton(query, k_cache, v_cache, self.block_table, self.worklist, self.scale, out,
-                                 max_items=self.capacity["items"], max_tokens=self.capacity["tokens"],
-                                 partials=self.partials)
+                                 self.partials, self.wide_m, self.programs)
 
-    def _grow(self, capacity: dict[str, int]) -> None:
+    def _allocate(self, capacity: dict[str, int]) -> None:
         """New regions (pointers change: a captured graph must be captured again after this)."""
-        self.capacity = capacity
+        self.capacity = dict(capacity)
         self._layout, offset = {}, 0
         for name, (key, extra) in _REGIONS.items():
             size = (capacity[key] if key else 0) + extra
