@@ -65,4 +65,5 @@ def stats_line(stats: dict) -> str:
     flat = stats.get("kv_bytes_flat") or 1
     return (f"steps {stats.get('steps')} (cascade {stats.get('cascade_steps')}), levels {stats.get('levels')}, "
             f"paths {stats.get('paths')}, block tables {stats.get('block_table_reads')}, "
-            f"KV read {stats.get('kv_bytes_read', 0) / flat:.3f} of flat")
+            f"KV read {stats.get('kv_bytes_read', 0) / flat:.3f} of flat, "
+            f"host build {stats.get('build_ns', 0) / 1e3 / max(stats.get('steps') or 1, 1):.0f} us/step")

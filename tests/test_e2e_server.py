@@ -146,6 +146,7 @@ def test_metrics_show_cascade_levels_and_saved_bytes(server):
     assert sum(metric(text, "vllm:cascade_steps_by_levels_total", f'levels="{n}"') for n in (2, 3)) > 0, text
     assert metric(text, "vllm:cascade_level_pages_total", 'level="0"') > 0
     assert metric(text, "vllm:cascade_layer_calls_total", 'path="torch"') > 0
+    assert metric(text, "vllm:cascade_build_seconds_total") > 0
     read, flat = metric(text, "vllm:cascade_kv_bytes_read_total"), metric(text, "vllm:cascade_kv_bytes_flat_total")
     assert 0 < read < flat and metric(text, "vllm:cascade_kv_bytes_saved_total") == flat - read
     assert "vllm:num_requests_running" in text  # the same endpoint as vLLM's own metrics

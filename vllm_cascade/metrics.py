@@ -13,7 +13,9 @@ multiprocess registry and these metrics are not exported).
     vllm:cascade_kv_bytes_saved_total             the difference
     vllm:cascade_level_pages_total{level}         KV pages read per level (0, 1, ..., own)
     vllm:cascade_level_queries_total{level}       query tokens that attended each level
-    vllm:cascade_layer_calls_total{path}          attention calls by kernel path
+    vllm:cascade_layer_calls_total{path}          attention calls by kernel path (eager calls; layers
+                                                  replayed inside a FULL CUDA graph are not counted)
+    vllm:cascade_build_seconds_total              host time planning steps (levels, work lists, uploads)
 """
 
 from __future__ import annotations
@@ -48,6 +50,8 @@ class CascadeCollector:
         yield counter("level_queries", "Query tokens that attended each level.", label="level",
                       values=stats["level_queries"])
         yield counter("layer_calls", "Attention layer calls by kernel path.", label="path", values=stats["paths"])
+        yield counter("build_seconds", "Host time the cascade metadata builder spent planning steps.",
+                      stats["build_ns"] / 1e9)
 
 
 def register_collector() -> None:

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 STATS_DIR_ENV = "CASCADE_STATS_DIR"
 INTERVAL_ENV = "CASCADE_STATS_INTERVAL_S"
 _COUNTERS = ("steps", "cascade_steps", "layer_calls", "pages_read", "flat_pages_read", "kv_bytes_read",
-             "kv_bytes_flat")
+             "kv_bytes_flat", "build_ns")
 _COUNTERS_BY_KEY = ("levels", "level_pages", "level_queries", "paths", "model_steps", "block_table_reads")
 
 
@@ -42,6 +42,7 @@ class AttentionStats:
     flat_pages_read: int = 0  # what flat attention would have read
     kv_bytes_read: int = 0  # KV bytes read over all layers of the group
     kv_bytes_flat: int = 0  # what flat attention would have read
+    build_ns: int = 0  # host time in the metadata builder (planning, work lists, uploads), measured
     levels: Counter = field(default_factory=Counter)  # steps by number of levels
     level_pages: Counter = field(default_factory=Counter)  # pages read per level ("0", "1", ..., "own")
     level_queries: Counter = field(default_factory=Counter)  # query tokens attending each level

@@ -12,6 +12,7 @@ second, as vLLM's FlashInfer backend stores them.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
@@ -134,6 +135,7 @@ class CascadeMetadataBuilder(AttentionMetadataBuilder[CascadeMetadata]):
     def build(
         self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata, fast_build: bool = False
     ) -> CascadeMetadata:
+        start_ns = time.perf_counter_ns()
         cm = common_attn_metadata
         num_rows = cm.num_reqs
         query_start_loc = cm.query_start_loc_cpu[: num_rows + 1].numpy().astype(np.int64)
@@ -161,6 +163,7 @@ class CascadeMetadataBuilder(AttentionMetadataBuilder[CascadeMetadata]):
             kernel = decode  # the buffers a captured decode graph reads
         if kernel is not None:
             kernel.plan(plan, block_table, seq_lens, query_start_loc)
+        STATS.build_ns += time.perf_counter_ns() - start_ns
         return CascadeMetadata(
             num_actual_tokens=cm.num_actual_tokens,
             query_start_loc=query_start_loc,

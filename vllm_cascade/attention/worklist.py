@@ -68,58 +68,92 @@ def build_worklist(
     tile, not once per narrow one); wide items come first."""
     seq_lens = np.asarray(seq_lens, dtype=np.int64)
     qsl = np.asarray(query_start_loc, dtype=np.int64)
-    wide = max(wide_tokens_per_item or tokens_per_item, tokens_per_item)
+    narrow = tokens_per_item
+    wide = max(wide_tokens_per_item or narrow, narrow)
     num_tokens = int(qsl[-1])
     query_lens = np.diff(qsl)
-    q_pos = np.concatenate([np.arange(s - n, s) for s, n in zip(seq_lens, query_lens)] or [np.zeros(0, np.int64)])
-    tiles: tuple[list, list] = ([], [])  # wide, narrow: (tokens, [(bt_row, page, kv_len, causal), ...])
+    q_pos = np.arange(num_tokens) + np.repeat(seq_lens - query_lens - qsl[:-1], query_lens)
+    # A tile is (tokens, bt_row, first_page, kv_end, causal, run_pages). A group of queries bigger than
+    # `narrow` gets wide tiles. A prefill has tiles enough to fill the GPU: its keys are not split
+    # (run_pages = all), so it has no partials to merge.
+    all_pages = 1 << 30
 
-    def add(tokens: np.ndarray, bt_row: int, first_page: int, kv_end: int, causal: int) -> None:
-        """Tiles for `tokens` over keys [first_page * page_size, kv_end), each split by pages_per_item."""
-        is_wide = len(tokens) > tokens_per_item < wide
-        size, into = (wide, tiles[0]) if is_wide else (tokens_per_item, tiles[1])
-        # A prefill has tiles enough to fill the GPU: its keys are not split (no partials to merge).
-        run_pages = 1 << 30 if is_wide and causal else pages_per_item
-        for t0 in range(0, len(tokens), size):
-            tile = tokens[t0 : t0 + size]
-            # Causal tiles read no keys after their last query.
-            end = min(kv_end, int(q_pos[tile].max()) + 1) if causal else kv_end
-            runs = [(bt_row, page, min(end - page * page_size, run_pages * page_size), causal)
-                    for page in range(first_page, -(-end // page_size), run_pages)]
-            if runs:
-                into.append((tile, runs))
+    # Own level, vectorized (one group per row with queries): contiguous token ranges.
+    rows = np.flatnonzero(query_lens)
+    row_wide = query_lens[rows] > narrow if wide > narrow else np.zeros(len(rows), dtype=bool)
+    size = np.where(row_wide, wide, narrow)
+    per_row = -(-query_lens[rows] // size)
+    t_row = np.repeat(rows, per_row)
+    t_size = np.repeat(size, per_row)
+    t_start = qsl[t_row] + _index_within(per_row) * t_size
+    own = {"len": np.minimum(t_size, qsl[t_row + 1] - t_start), "start": t_start, "bt_row": t_row,
+           "first_page": plan.own_first_page[t_row].astype(np.int64), "kv_end": seq_lens[t_row],
+           "causal": np.ones(len(t_row), dtype=np.int64), "run_pages": np.where(t_size > narrow, all_pages, pages_per_item),
+           "wide": t_size > narrow}
 
-    for r in range(len(seq_lens)):
-        tokens = np.arange(qsl[r], qsl[r + 1])
-        if len(tokens):
-            add(tokens, r, int(plan.own_first_page[r]), int(seq_lens[r]), causal=1)
+    # Shared levels: a few segments, each one group of all its rows' tokens.
+    seg_tiles: list[tuple[np.ndarray, int, int, int, bool]] = []  # tokens, bt_row, first_page, kv_end, wide
     for level in plan.shared:
         for seg in level:
-            tokens = np.concatenate([np.arange(qsl[r], qsl[r + 1]) for r in seg.rows])
-            if len(tokens):
-                add(tokens, int(seg.rows[0]), seg.first_page, (seg.first_page + len(seg.pages)) * page_size, causal=0)
+            lens = query_lens[seg.rows]
+            tokens = np.repeat(qsl[seg.rows], lens) + _index_within(lens)
+            is_wide = len(tokens) > narrow < wide
+            step = wide if is_wide else narrow
+            end = (seg.first_page + len(seg.pages)) * page_size
+            seg_tiles += [(tokens[t : t + step], int(seg.rows[0]), seg.first_page, end, is_wide)
+                          for t in range(0, len(tokens), step)]
 
-    items: list[tuple[int, ...]] = []  # q_off, q_len, bt_row, page_start, kv_len, causal, item_part
-    contributions: list[tuple[int, int]] = []  # token, partial row
-    q_off = 0
-    for tile, runs in tiles[0] + tiles[1]:
-        for run in runs:
-            part = len(contributions)
-            items.append((q_off, len(tile), *run, part))
-            contributions.extend((int(t), part + i) for i, t in enumerate(tile))
-        q_off += len(tile)
+    # Wide tiles first, then narrow: (own wide, shared wide, own narrow, shared narrow).
+    parts, token_parts = [], []
+    for want_wide in (True, False):
+        sel = own["wide"] == want_wide
+        parts.append({k: v[sel] for k, v in own.items() if k not in ("start", "wide")})
+        token_parts.append(np.repeat(own["start"][sel], own["len"][sel]) + _index_within(own["len"][sel]))
+        mine = [t for t in seg_tiles if t[4] == want_wide]
+        parts.append({"len": np.array([len(t[0]) for t in mine], dtype=np.int64),
+                      "bt_row": np.array([t[1] for t in mine], dtype=np.int64),
+                      "first_page": np.array([t[2] for t in mine], dtype=np.int64),
+                      "kv_end": np.array([t[3] for t in mine], dtype=np.int64),
+                      "causal": np.zeros(len(mine), dtype=np.int64),
+                      "run_pages": np.full(len(mine), pages_per_item, dtype=np.int64)})
+        token_parts += [t[0] for t in mine]
+    tiles = {k: np.concatenate([p[k] for p in parts]).astype(np.int64) for k in parts[0]}
+    num_wide_tiles = len(parts[0]["len"]) + len(parts[1]["len"])
+    q_tokens = np.concatenate(token_parts).astype(np.int64)
+    tile_len, bt_row, first_page, kv_end, causal, run_pages = (
+        tiles[k] for k in ("len", "bt_row", "first_page", "kv_end", "causal", "run_pages"))
+    num_tiles = len(tile_len)
+    tile_off = np.zeros(num_tiles + 1, dtype=np.int64)
+    np.cumsum(tile_len, out=tile_off[1:])
+    # Causal tiles read no keys after their last query.
+    last_pos = np.maximum.reduceat(q_pos[q_tokens], tile_off[:-1]) if num_tiles else tile_len
+    end = np.where(causal == 1, np.minimum(kv_end, last_pos + 1), kv_end)
+    num_pages = np.maximum(-(-end // page_size) - first_page, 0)
+    runs = -(-num_pages // run_pages)
 
-    cols = np.array(items, dtype=np.int32).reshape(-1, 7).T
-    contributions.sort()
-    contrib = np.array(contributions, dtype=np.int32).reshape(-1, 2)
+    # One item per (tile, run of KV pages); one partial row per (item, token of its tile).
+    tile = np.repeat(np.arange(num_tiles), runs)
+    run = _index_within(runs)
+    page_start = first_page[tile] + run * run_pages[tile]
+    kv_len = np.minimum(end[tile] - page_start * page_size, run_pages[tile] * page_size)
+    q_len = tile_len[tile]
+    item_part = np.cumsum(q_len) - q_len
+    # Partial rows token by token: row item_part[i] + j holds token q_tokens[tile_off[tile[i]] + j].
+    item_of_row = np.repeat(np.arange(len(tile)), q_len)
+    row_token = q_tokens[tile_off[tile][item_of_row] + np.arange(len(item_of_row)) - item_part[item_of_row]]
+    contrib_row = np.argsort(row_token, kind="stable").astype(np.int32)
     contrib_off = np.zeros(num_tokens + 1, dtype=np.int32)
-    np.cumsum(np.bincount(contrib[:, 0], minlength=num_tokens), out=contrib_off[1:])
-    tile_tokens = [tile for tile, _ in tiles[0] + tiles[1]]
+    np.cumsum(np.bincount(row_token, minlength=num_tokens), out=contrib_off[1:])
+    i32 = lambda a: np.asarray(a, dtype=np.int32)  # noqa: E731
     return WorkList(
-        *cols,
-        q_tokens=np.concatenate(tile_tokens or [np.zeros(0, np.int64)]).astype(np.int32),
-        q_pos=q_pos.astype(np.int32),
-        contrib_off=contrib_off,
-        contrib_row=contrib[:, 1].copy(),
-        num_wide=sum(len(runs) for _, runs in tiles[0]),
+        q_off=i32(tile_off[tile]), q_len=i32(q_len), bt_row=i32(bt_row[tile]), page_start=i32(page_start),
+        kv_len=i32(kv_len), causal=i32(causal[tile]), item_part=i32(item_part), q_tokens=i32(q_tokens),
+        q_pos=i32(q_pos), contrib_off=contrib_off, contrib_row=contrib_row,
+        num_wide=int(runs[:num_wide_tiles].sum()),
     )
+
+
+def _index_within(counts: np.ndarray) -> np.ndarray:
+    """[0, 1, .., c0-1, 0, 1, .., c1-1, ...] for counts [c0, c1, ...]."""
+    counts = np.asarray(counts, dtype=np.int64)
+    return np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
