@@ -6,8 +6,8 @@
 #   bash benchmarks/device_session.sh start   # after the bundle printed READY; returns at once
 #   bash benchmarks/device_session.sh poll    # progress; copies finished logs to $OUT
 #
-# Order = priority (a machine is held 30 minutes at most): GPU tests, the
-# kernel benchmark, throughput of every workload and backend, the token check.
+# Order = priority (a machine is held 30 minutes at most): throughput of every
+# workload and backend, the token check, GPU tests, the kernel benchmark.
 # A step that fails does not stop the next; each step's log says how it ended.
 set -u
 RUN=${CASCADE_RUN_DIR:-/root/cascade-run}
@@ -18,12 +18,12 @@ start)
         source benchmarks/device_env.sh
         step() { name=$1; shift; echo "$(date +%T) start $name" >> '"$RUN"'/progress
                  "$@" > '"$RUN"'/$name.log 2>&1; rc=$?; echo "$(date +%T) end $name rc=$rc" >> '"$RUN"'/progress; }
-        step gpu-tests python3 -m pytest -q tests/test_gpu_attention.py tests/test_triton_cascade.py
-        step kernel-bench python3 benchmarks/kernel_bench.py
         step throughput python3 benchmarks/throughput.py --model .models/qwen3-0.6b \
             --backends FLASHINFER,CASCADE:triton,FLASH_ATTN --log-dir '"$RUN"'
         step gpu-check python3 benchmarks/gpu_check.py --model .models/qwen3-0.6b \
             --backends FLASH_ATTN,CASCADE:triton --log-dir '"$RUN"'
+        step gpu-tests python3 -m pytest -q tests/test_triton_cascade.py tests/test_gpu_attention.py
+        step kernel-bench python3 benchmarks/kernel_bench.py
         echo "$(date +%T) all done" >> '"$RUN"'/progress
     ' > "$RUN/session.log" 2>&1 < /dev/null &
     echo "started in the background; poll with: bash benchmarks/device_session.sh poll"
