@@ -19,9 +19,9 @@ start)
         step() { name=$1; shift; echo "$(date +%T) start $name" >> '"$RUN"'/progress
                  "$@" > '"$RUN"'/$name.log 2>&1; rc=$?; echo "$(date +%T) end $name rc=$rc" >> '"$RUN"'/progress; }
         step throughput python3 benchmarks/throughput.py --model .models/qwen3-0.6b \
-            --backends FLASHINFER,CASCADE:triton,FLASH_ATTN --log-dir '"$RUN"'
+            --backends FLASHINFER,CASCADE,FLASH_ATTN --log-dir '"$RUN"'
         step gpu-check python3 benchmarks/gpu_check.py --model .models/qwen3-0.6b \
-            --backends FLASH_ATTN,CASCADE:triton --log-dir '"$RUN"'
+            --backends FLASH_ATTN,CASCADE --log-dir '"$RUN"'
         step gpu-tests python3 -m pytest -q tests/test_triton_cascade.py tests/test_gpu_attention.py
         step kernel-bench python3 benchmarks/kernel_bench.py
         echo "$(date +%T) all done" >> '"$RUN"'/progress

@@ -6,7 +6,7 @@ fresh tails; output tokens per second of the timed run. Qwen3 config with
 `load_format="dummy"`, bf16, prefix caching on, greedy, `ignore_eos`.
 
     python benchmarks/throughput.py --model .models/qwen3-0.6b [--workloads shared,groups,single,nosharing]
-        [--backends FLASH_ATTN,FLASHINFER,CASCADE,CASCADE:triton]   # CASCADE:<gpu_kernel>
+        [--backends FLASH_ATTN,FLASHINFER,CASCADE,CASCADE:flashinfer]   # CASCADE:<gpu_kernel>
 """
 
 from __future__ import annotations

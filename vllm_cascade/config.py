@@ -22,7 +22,9 @@ class CascadeConfig:
     max_cascade_levels: int = 3  # shared levels + the own level
     min_saved_pages: int = 64  # a shared segment must save this many page reads
     min_saved_fraction: float = 0.1  # else the whole step runs flat
-    gpu_kernel: str = "flashinfer"  # "flashinfer": a wrapper per level; "triton": one fused launch + merge
+    # "triton": decode steps run the fused Triton kernels (FULL CUDA graphs), steps with prefill run
+    # FlashInfer's prefill kernels; "flashinfer": every step runs FlashInfer (a wrapper per level).
+    gpu_kernel: str = "triton"
 
     @classmethod
     def from_vllm(cls, vllm_config: Any) -> "CascadeConfig":

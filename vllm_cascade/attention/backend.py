@@ -90,8 +90,8 @@ class CascadeMetadata:
 class CascadeMetadataBuilder(AttentionMetadataBuilder[CascadeMetadata]):
     @classmethod
     def get_cudagraph_support(cls, vllm_config: VllmConfig, kv_cache_spec) -> AttentionCGSupport:
-        # The Triton path plans decode steps into fixed buffers read by persistent kernels, so a FULL
-        # graph captured once replays any decode step. FlashInfer's wrappers re-plan: piecewise only.
+        # With "triton", decode steps are planned into fixed buffers read by persistent kernels, so a
+        # FULL graph captured once replays any decode step. FlashInfer's wrappers re-plan: piecewise.
         if CascadeConfig.from_vllm(vllm_config).gpu_kernel == "triton" and torch.cuda.is_available():
             return AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
         return AttentionCGSupport.NEVER
@@ -101,36 +101,25 @@ class CascadeMetadataBuilder(AttentionMetadataBuilder[CascadeMetadata]):
         self.config = CascadeConfig.from_vllm(vllm_config)
         self.page_size = kv_cache_spec.block_size
         self.group_page_bytes = kv_cache_spec.page_size_bytes * len(layer_names)  # one page, every layer
-        self.kernel: FlashInferCascade | TritonCascade | None = None
-        self.decode_kernel: TritonCascade | None = None  # fixed buffers for decode steps (CUDA graphs)
+        self.kernel: FlashInferCascade | None = None  # steps with prefill (and all steps with "flashinfer")
+        self.decode_kernel: TritonCascade | None = None  # decode steps, fixed buffers (CUDA graphs)
         if device.type == "cuda":
+            from vllm_cascade.ops.flashinfer_attention import FlashInferCascade
+
             impl = _layer_impls(vllm_config, layer_names)[0]
+            self.kernel = FlashInferCascade(device, impl.num_heads, impl.num_kv_heads, impl.head_size, self.page_size,
+                                            vllm_config.model_config.dtype, impl.scale, self.config.max_cascade_levels)
             if self.config.gpu_kernel == "triton":
                 from vllm_cascade.ops.triton_cascade import TritonCascade
 
-                def triton(capacity: dict[str, int] | None = None) -> TritonCascade:
-                    return TritonCascade(impl.num_heads, impl.num_kv_heads, self.page_size, impl.scale,
-                                         device=device, head_dim=impl.head_size, capacity=capacity)
-
-                self.kernel = triton()
-                max_decode = vllm_config.compilation_config.max_cudagraph_capture_size or 0
-                if max_decode:
-                    # One KV run per (tile, level) always fits these; the slack lets long contexts split.
-                    runs = 2 * max_decode * self.config.max_cascade_levels + 512
-                    self.decode_kernel = triton({"tokens": max_decode, "rows": runs, "items": runs})
-            else:
-                from vllm_cascade.ops.flashinfer_attention import FlashInferCascade
-
-                self.kernel = FlashInferCascade(
-                    device,
-                    impl.num_heads,
-                    impl.num_kv_heads,
-                    impl.head_size,
-                    self.page_size,
-                    vllm_config.model_config.dtype,
-                    impl.scale,
-                    self.config.max_cascade_levels,
-                )
+                # Any decode step fits: one token per request. One KV run per (tile, level) always
+                # fits these rows and items; the slack lets long contexts split over more programs.
+                tokens = max(vllm_config.scheduler_config.max_num_seqs,
+                             vllm_config.compilation_config.max_cudagraph_capture_size or 0)
+                runs = 2 * tokens * self.config.max_cascade_levels + 512
+                self.decode_kernel = TritonCascade(impl.num_heads, impl.num_kv_heads, self.page_size, impl.scale,
+                                                   device=device, head_dim=impl.head_size,
+                                                   capacity={"tokens": tokens, "rows": runs, "items": runs})
 
     def build(
         self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata, fast_build: bool = False
@@ -160,7 +149,7 @@ class CascadeMetadataBuilder(AttentionMetadataBuilder[CascadeMetadata]):
         kernel = self.kernel
         decode = self.decode_kernel
         if decode is not None and cm.max_query_len <= 1 and query_start_loc[-1] <= decode.capacity["tokens"]:
-            kernel = decode  # the buffers a captured decode graph reads
+            kernel = decode  # also the buffers a captured decode graph reads
         if kernel is not None:
             kernel.plan(plan, block_table, seq_lens, query_start_loc)
         STATS.build_ns += time.perf_counter_ns() - start_ns
