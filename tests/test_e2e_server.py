@@ -140,6 +140,7 @@ def test_metrics_show_cascade_levels_and_saved_bytes(server):
     prefix = " ".join([PROMPT] * 8)  # several 16-token pages shared by all four prompts
     prompts = [f"{prefix} and then number {i} said" for i in range(4)]
     post(url, "/v1/completions", {"model": server_model(url), "prompt": prompts, **GREEDY, "max_tokens": 16})
+    time.sleep(0.5)  # workers write their last counters within 0.25 s
     text = requests.get(f"{url}/metrics", timeout=30).text
     files = summarize(read_stats_dir(str(stats_dir)))
     assert metric(text, "vllm:cascade_steps_total") == files["steps"] > 0

@@ -3,7 +3,9 @@
 Workers update `STATS` once per step (the metadata builder) and once per layer
 call (the impl; a Python integer add). Each worker writes its counters to
 `$CASCADE_STATS_DIR/attention-<pid>.json`, at most once per
-`CASCADE_STATS_INTERVAL_S` seconds (default 1). The plugin gives every vLLM run
+`CASCADE_STATS_INTERVAL_S` seconds (default 1) from the step, and a daemon
+thread writes what changed since within 0.25 s, so the last steps before an
+engine is shut down (its processes are not always given an exit) are counted. The plugin gives every vLLM run
 a fresh directory (spawned engine and worker processes inherit the variable),
 so the front process (API server, `LLM`) can sum them: `/metrics` through
 `vllm_cascade.metrics`, Python through `get_stats()`.
@@ -22,6 +24,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -50,6 +53,8 @@ class AttentionStats:
     model_steps: Counter = field(default_factory=Counter)  # forward calls of the plugin's model classes
     block_table_reads: Counter = field(default_factory=Counter)  # host block tables by source (cpu, host_mirror, device_copy)
     _last_dump: float = field(default=0.0, repr=False)
+    _dirty: bool = field(default=False, repr=False)
+    _flusher: threading.Thread | None = field(default=None, repr=False)
 
     def record_step(
         self, num_levels: int, level_pages: list[int], level_queries: list[int], flat_pages: int, page_bytes: int
@@ -66,7 +71,17 @@ class AttentionStats:
         names = [str(i) for i in range(len(level_pages) - 1)] + ["own"]
         self.level_pages.update(dict(zip(names, level_pages)))
         self.level_queries.update(dict(zip(names, level_queries)))
+        self._dirty = True
         self.maybe_dump()
+        if self._flusher is None and os.environ.get(STATS_DIR_ENV):
+            self._flusher = threading.Thread(target=self._flush_loop, name="cascade-stats", daemon=True)
+            self._flusher.start()
+
+    def _flush_loop(self) -> None:
+        while True:
+            time.sleep(0.25)
+            if self._dirty:
+                self.maybe_dump(force=True)
 
     def snapshot(self) -> dict:
         data = {k: getattr(self, k) for k in _COUNTERS}
@@ -81,6 +96,7 @@ class AttentionStats:
         if not out_dir or (not force and now - self._last_dump < float(os.environ.get(INTERVAL_ENV, "1"))):
             return
         self._last_dump = now
+        self._dirty = False
         path = os.path.join(out_dir, f"attention-{os.getpid()}.json")
         try:
             with open(f"{path}.tmp", "w") as f:
