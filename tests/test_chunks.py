@@ -61,7 +61,7 @@ def test_reregistering_a_dying_chunk_takes_it_back():
     b, created = reg.register([5] * 4)
     assert b is a and not created and b.pages == [9]
     reg.release([a.chunk_id])
-    assert freed == [] and reg.get(a.chunk_id).ready
+    assert freed == [] and reg.get(a.chunk_id).pages == [9]
 
 
 def test_lru_eviction_skips_held_chunks():

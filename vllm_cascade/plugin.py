@@ -4,7 +4,8 @@
   its platform, before a spawned engine process unpickles its config, which
   names the CASCADE enum member. It returns None: it provides no platform.
 - `register` (group `vllm.general_plugins`) runs before any model is built:
-  CPU backend selection, config-time checks, model classes, this run's stats directory
+  CPU backend selection, config-time checks, model classes, chunk-page utilities of
+  the engine core, this run's stats directory
   (inherited by the processes vLLM spawns later) and the /metrics collector.
 """
 
@@ -26,5 +27,6 @@ def register() -> None:
     vllm_compat.check_cascade_settings_at_config_time()
     vllm_compat.register_models()
     vllm_compat.mirror_block_tables()
+    vllm_compat.install_chunk_pins()
     stats.ensure_stats_dir()
     metrics.register_collector()

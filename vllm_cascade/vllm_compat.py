@@ -16,6 +16,10 @@ Porting to another vLLM version starts and, ideally, ends here. What is used:
 - `Platform.check_and_update_config` of the current platform: wrapped so that
   a CASCADE run's settings are checked in the front process, before any
   engine process starts (otherwise errors surface late, in a worker's log).
+- `vllm.v1.engine.core.EngineCore`: gains `cascade_*` methods that the front
+  process calls as engine-core utilities (`EngineCoreClient.call_utility`) to
+  pin and unpin chunk pages in the scheduler's `KVCacheManager` (its block
+  pool's reference counts, the prefix cache's block hashes).
 
 The attention backend itself (attention/backend.py) implements vLLM's public
 backend interface (`vllm.v1.attention.backend`) and reads the KV cache as
@@ -156,3 +160,54 @@ def mirror_block_tables(block_tables_cls=None) -> None:
 
     append_block_ids._cascade_wrapped = True  # type: ignore[attr-defined]
     block_tables_cls.append_block_ids = append_block_ids
+
+
+# -- chunk pages in the engine core -------------------------------------------------------------
+
+
+def install_chunk_pins() -> None:
+    """Engine-core utilities for chunk pages (idempotent). They run in the engine core's
+    loop between steps, where the scheduler and its KV manager live."""
+    from vllm.v1.engine.core import EngineCore
+
+    if hasattr(EngineCore, "cascade_pin_prefix"):
+        return
+
+    def cascade_pin_prefix(self, token_ids: list[int]) -> list[int]:
+        """Pin the full pages vLLM's prefix cache holds for `token_ids` (a sequence computed
+        from position 0): one more reference each, so they are neither evicted nor reused.
+        -> their block ids, in order (fewer than the full pages if part was not cached)."""
+        from vllm import SamplingParams
+        from vllm.v1.request import Request
+
+        if self.request_block_hasher is None:
+            raise RuntimeError("chunks need prefix caching: start vLLM with enable_prefix_caching=True")
+        request = Request("cascade-chunk-pin", list(token_ids), SamplingParams(max_tokens=1), None,
+                          block_hasher=self.request_block_hasher)
+        manager = self.scheduler.kv_cache_manager
+        if len(manager.kv_cache_config.kv_cache_groups) != 1:
+            raise RuntimeError("chunks support models with one KV-cache group")
+        hit, _, _ = manager.coordinator.find_longest_cache_hit(request.block_hashes, len(token_ids))
+        manager.block_pool.touch(hit[0])
+        return [block.block_id for block in hit[0]]
+
+    def cascade_unpin_pages(self, block_ids: list[int]) -> None:
+        """Drop the references `cascade_pin_prefix` took; the pages stay cached until evicted."""
+        pool = self.scheduler.kv_cache_manager.block_pool
+        pool.free_blocks([pool.blocks[i] for i in block_ids])
+
+    def cascade_kv_pages(self) -> dict[str, int]:
+        pool = self.scheduler.kv_cache_manager.block_pool
+        return {"free": pool.get_num_free_blocks(), "total": pool.num_gpu_blocks}
+
+    EngineCore.cascade_pin_prefix = cascade_pin_prefix
+    EngineCore.cascade_unpin_pages = cascade_unpin_pages
+    EngineCore.cascade_kv_pages = cascade_kv_pages
+
+
+def call_engine_core(llm: Any, method: str, *args: Any) -> Any:
+    """Run an engine-core utility from the process that owns `llm` (a `vllm.LLM`)."""
+    client = llm.llm_engine.engine_core
+    if hasattr(client, "call_utility"):
+        return client.call_utility(method, *args)
+    return getattr(client.engine_core, method)(*args)  # in-process engine core

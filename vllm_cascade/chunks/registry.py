@@ -19,14 +19,14 @@ Rules:
 Example:
     >>> freed = []
     >>> reg = ChunkRegistry("qwen3-tiny", page_size=4, page_budget=6, on_free=freed.extend)
-    >>> a, new = reg.register(list(range(10)), kind="system")
+    >>> a, new = reg.register(list(range(10)), kind="system")  # 2 full pages of 4, 2 tokens left over
     >>> new, a.num_pages, reg.register(list(range(10)))[1]
-    (True, 3, False)
-    >>> reg.attach_pages(a.chunk_id, [7, 8, 9])
+    (True, 2, False)
+    >>> reg.attach_pages(a.chunk_id, [7, 8])
     >>> _ = reg.acquire([a.chunk_id]); _ = reg.delete(a.chunk_id); freed
     []
     >>> reg.release([a.chunk_id]); freed
-    [7, 8, 9]
+    [7, 8]
 """
 
 from __future__ import annotations
@@ -64,6 +64,8 @@ class Chunk:
     kind: str = "context"  # "system", "context", or any label the user gives
     label: str | None = None
     created: float = field(default_factory=time.time)
+    parent: str | None = None  # the chunk whose context it was registered in (a chain)
+    context_len: int = 0  # leading tokens of token_ids that are the parent chain's, not its own
     pages: list[int] = field(default_factory=list)  # physical KV pages, once prefilled
     holders: int = 0  # running requests that use it
     deleted: bool = False  # hidden; pages freed when holders reaches 0
@@ -73,8 +75,8 @@ class Chunk:
         return len(self.token_ids)
 
     @property
-    def ready(self) -> bool:
-        return len(self.pages) == self.num_pages
+    def own_token_ids(self) -> tuple[int, ...]:
+        return self.token_ids[self.context_len :]
 
 
 def chunk_id_for(model_fingerprint: str, token_ids: Sequence[int]) -> str:
@@ -134,8 +136,13 @@ class ChunkRegistry:
             }
 
     # -- changes ---------------------------------------------------------------
-    def register(self, token_ids: Sequence[int], kind: str = "context", label: str | None = None) -> tuple[Chunk, bool]:
-        """-> (chunk, created). An existing chunk of the same content is returned, not re-made."""
+    def register(self, token_ids: Sequence[int], kind: str = "context", label: str | None = None,
+                 parent: str | None = None, context_len: int = 0) -> tuple[Chunk, bool]:
+        """-> (chunk, created). An existing chunk of the same content is returned, not re-made.
+
+        `token_ids` is all the chunk's KV depends on: for a chain, the parent's tokens first
+        (`context_len` of them). Its pages are the full pages of that sequence (a last partial
+        page is not kept: it is computed again with each request)."""
         if not token_ids:
             raise ChunkError("a chunk needs at least one token")
         chunk_id = chunk_id_for(self.model_fingerprint, token_ids)
@@ -148,19 +155,20 @@ class ChunkRegistry:
                 self.counters["hits"] += 1
                 self._chunks.move_to_end(chunk_id)
                 return self._chunks[chunk_id], False
-            num_pages = -(-len(token_ids) // self.page_size)
+            num_pages = len(token_ids) // self.page_size
             self._make_room(num_pages)
-            chunk = Chunk(chunk_id, tuple(int(t) for t in token_ids), num_pages, kind, label)
+            chunk = Chunk(chunk_id, tuple(int(t) for t in token_ids), num_pages, kind, label, parent=parent,
+                          context_len=context_len)
             self._chunks[chunk_id] = chunk
             self.counters["registrations"] += 1
             return chunk, True
 
     def attach_pages(self, chunk_id: str, pages: Sequence[int]) -> None:
-        """The KV pages the chunk was prefilled into (pinned until freed)."""
+        """The KV pages the chunk was prefilled into (pinned until freed); at most num_pages."""
         with self._lock:
             chunk = self.get(chunk_id)
-            if len(pages) != chunk.num_pages:
-                raise ChunkError(f"chunk {chunk_id} needs {chunk.num_pages} pages, got {len(pages)}")
+            if len(pages) > chunk.num_pages:
+                raise ChunkError(f"chunk {chunk_id} has {chunk.num_pages} pages, got {len(pages)}")
             chunk.pages = list(pages)
 
     def acquire(self, chunk_ids: Sequence[str]) -> list[Chunk]:

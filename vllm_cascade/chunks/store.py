@@ -1,0 +1,174 @@
+"""Chunks on a running `vllm.LLM`: register once, compose into requests, delete.
+
+    from vllm import LLM, SamplingParams
+    from vllm_cascade.chunks.store import ChunkStore
+
+    llm = LLM(model=..., attention_backend="cascade", enable_prefix_caching=True)
+    store = ChunkStore(llm)
+    system = store.register_chunk(text="You are a careful assistant.", kind="system")
+    doc = store.register_chunk(text=document, parent=system.chunk_id)   # a chain: doc read after system
+    outs = store.generate([{"chunks": [system.chunk_id, doc.chunk_id], "tail": "Q: ...?"}],
+                          SamplingParams(max_tokens=64))
+    store.delete_chunk(doc.chunk_id)   # its pages go back to vLLM
+
+What happens today:
+- `register_chunk` tokenizes once, names the chunk by SHA-256 (registering the
+  same content again returns the same chunk), prefills it through vLLM's own
+  scheduling (one token of output, batched with other registrations), then
+  pins the full KV pages it produced in the engine core's KV manager (one
+  more reference each: never evicted, never reused for other data) until the
+  chunk is deleted or evicted (LRU, chunks no running request holds, within
+  `page_budget` pages, by default half of the KV cache).
+- A composition's prompt is its chunks' stored token ids (never tokenized
+  again) and the tail. Its pinned pages are reused where the composition
+  starts with a registered chain (vLLM's prefix cache finds them,
+  position-exact), so one chunk + tail and chains are exact and never
+  prefilled again. Chunks composed in another order are computed again with
+  the request: correct (the same as generating the concatenated text), not
+  reused, and counted as such in `stats()`. Reusing them at any offset needs
+  the per-level query rotation of DESIGN.md (issue #4), not built yet.
+- A chunk's last partial page is not kept (the prefix cache keeps full pages):
+  up to page_size - 1 of its tokens are computed again with each request.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from vllm_cascade import vllm_compat
+from vllm_cascade.chunks.layout import CompositionTooLong
+from vllm_cascade.chunks.registry import Chunk, ChunkError, ChunkRegistry
+
+DEFAULT_PAGE_RATIO = 0.5  # share of the KV cache chunks may pin
+
+
+@dataclass(frozen=True)
+class ChunkSpec:
+    """One chunk to register: text (tokenized here, once) or token ids."""
+
+    text: str | None = None
+    token_ids: Sequence[int] | None = None
+    kind: str = "context"
+    label: str | None = None
+    parent: str | None = None  # register in the context of this chunk (its chain first)
+
+
+class ChunkStore:
+    def __init__(self, llm: Any, page_budget: int | None = None, max_chunks: int = 1000,
+                 evict_lru: bool = True) -> None:
+        config = llm.llm_engine.vllm_config
+        if not config.cache_config.enable_prefix_caching:
+            raise ChunkError("chunks need prefix caching: create the LLM with enable_prefix_caching=True")
+        self.llm = llm
+        self.max_model_len = config.model_config.max_model_len
+        pages = self.kv_pages()["total"]
+        fingerprint = f"{config.model_config.model}|{config.model_config.dtype}|{config.cache_config.block_size}"
+        self.registry = ChunkRegistry(
+            fingerprint, config.cache_config.block_size,
+            page_budget if page_budget is not None else int(pages * DEFAULT_PAGE_RATIO),
+            max_chunks, evict_lru, on_free=self._unpin,
+        )  # fmt: skip
+        self.counters = {"compositions": 0, "chunk_tokens": 0, "reused_tokens": 0, "prefilled_chunk_tokens": 0}
+
+    # -- chunks ------------------------------------------------------------------------------------
+
+    def register_chunk(self, text: str | None = None, token_ids: Sequence[int] | None = None, kind: str = "context",
+                       label: str | None = None, parent: str | None = None) -> Chunk:
+        return self.register_chunks([ChunkSpec(text, token_ids, kind, label, parent)])[0]
+
+    def register_chunks(self, specs: Sequence[ChunkSpec], use_tqdm: bool = True) -> list[Chunk]:
+        """Register many chunks; the new ones are prefilled in one batch (with a progress bar)."""
+        from vllm import SamplingParams
+
+        chunks, created = [], []
+        try:
+            for spec in specs:
+                own = self._tokens(spec.text, spec.token_ids)
+                context = list(self.registry.get(spec.parent).token_ids) if spec.parent else []
+                if len(context) + len(own) >= self.max_model_len:
+                    raise CompositionTooLong(f"chunk of {len(context) + len(own)} tokens does not fit the model's "
+                                             f"context ({self.max_model_len})")
+                chunk, new = self.registry.register(context + own, spec.kind, spec.label, spec.parent, len(context))
+                chunks.append(chunk)
+                if new:
+                    created.append(chunk)
+            if created:
+                prompts = [{"prompt_token_ids": list(c.token_ids)} for c in created]
+                self.llm.generate(prompts, SamplingParams(max_tokens=1, temperature=0.0), use_tqdm=use_tqdm)
+                for chunk in created:
+                    pages = vllm_compat.call_engine_core(self.llm, "cascade_pin_prefix", list(chunk.token_ids))
+                    self.registry.attach_pages(chunk.chunk_id, pages)
+                    self.counters["prefilled_chunk_tokens"] += chunk.num_tokens
+        except BaseException:
+            for chunk in created:  # a failed registration keeps nothing
+                self.registry.delete(chunk.chunk_id)
+            raise
+        return chunks
+
+    def get_chunk(self, chunk_id: str) -> Chunk:
+        return self.registry.get(chunk_id)
+
+    def list_chunks(self) -> list[Chunk]:
+        return self.registry.list()
+
+    def delete_chunk(self, chunk_id: str) -> Chunk:
+        """Hidden at once; its pages go back to vLLM when no running request holds it."""
+        return self.registry.delete(chunk_id)
+
+    # -- requests ----------------------------------------------------------------------------------
+
+    def generate(self, compositions: Sequence[dict], sampling_params: Any = None, use_tqdm: bool = False) -> list:
+        """`compositions`: [{"chunks": [chunk ids, in order], "tail": text or token ids}, ...] -> RequestOutputs.
+
+        The chunks are held while the requests run (deleting one meanwhile is safe)."""
+        held: list[list[str]] = []
+        prompts = []
+        try:
+            for comp in compositions:
+                ids = list(comp.get("chunks", []))
+                chunks = self.registry.acquire(ids)
+                held.append(ids)
+                tokens = [t for c in chunks for t in c.own_token_ids]
+                chunk_tokens = len(tokens)
+                tail = comp.get("tail", "")
+                tokens += self._tokens(tail, None) if isinstance(tail, str) else [int(t) for t in tail]
+                if not tokens:
+                    raise ChunkError("a composition needs chunks or a tail")
+                if len(tokens) >= self.max_model_len:
+                    raise CompositionTooLong(f"composition of {len(tokens)} tokens does not fit the model's "
+                                             f"context ({self.max_model_len})")
+                prompts.append(({"prompt_token_ids": tokens}, chunk_tokens))
+            outputs = self.llm.generate([p for p, _ in prompts], sampling_params, use_tqdm=use_tqdm)
+        finally:
+            for ids in held:
+                self.registry.release(ids)
+        for out, (_, chunk_tokens) in zip(outputs, prompts):
+            self.counters["compositions"] += 1
+            self.counters["chunk_tokens"] += chunk_tokens
+            self.counters["reused_tokens"] += min(out.num_cached_tokens or 0, chunk_tokens)
+        return outputs
+
+    # -- state -------------------------------------------------------------------------------------
+
+    def kv_pages(self) -> dict[str, int]:
+        """The engine's KV pages: {"free": ..., "total": ...} (free counts cached pages nobody holds)."""
+        return vllm_compat.call_engine_core(self.llm, "cascade_kv_pages")
+
+    def stats(self) -> dict:
+        """Registry counters and pages, plus how many chunk tokens compositions reused (measured from
+        vLLM's cached-token counts) rather than computed."""
+        chunk_tokens = self.counters["chunk_tokens"]
+        return {**self.registry.stats(), **self.counters,
+                "chunk_reuse_rate": self.counters["reused_tokens"] / chunk_tokens if chunk_tokens else 0.0}
+
+    def _tokens(self, text: str | None, token_ids: Sequence[int] | None) -> list[int]:
+        if token_ids is not None:
+            return [int(t) for t in token_ids]
+        if text is None:
+            raise ChunkError("give a chunk's text or its token ids")
+        return list(self.llm.get_tokenizer().encode(text, add_special_tokens=False))
+
+    def _unpin(self, pages: list[int]) -> None:
+        vllm_compat.call_engine_core(self.llm, "cascade_unpin_pages", pages)
