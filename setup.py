@@ -17,5 +17,6 @@ setup(
         "console_scripts": ["vllm-cascade = vllm_cascade.entrypoints.cli:main"],
         "vllm.platform_plugins": ["cascade = vllm_cascade.plugin:register_early"],
         "vllm.general_plugins": ["cascade = vllm_cascade.plugin:register"],
+        "vllm.endpoint_plugins": ["cascade_chunks = vllm_cascade.entrypoints.http:ChunkEndpoints"],
     },
 )

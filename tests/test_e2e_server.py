@@ -153,6 +153,53 @@ def test_metrics_show_cascade_levels_and_saved_bytes(server):
     assert "vllm:num_requests_running" in text  # the same endpoint as vLLM's own metrics
 
 
+def test_chunk_api_registers_composes_and_deletes(server, tiny_model):
+    """POST/GET/DELETE /v1/chunks and /v1/completions with "chunks", over a real server."""
+    from test_e2e_llm import window
+
+    url, _, _, _ = server
+    chunk_ids, tail = window(tiny_model, 100, 120), window(tiny_model, 900, 6)
+    chunk = post(url, "/v1/chunks", {"token_ids": chunk_ids, "kind": "system", "label": "doc-1"})
+    assert chunk["num_tokens"] == 120 and chunk["pinned_pages"] == chunk["num_pages"] == 120 // 16
+    assert post(url, "/v1/chunks", {"token_ids": chunk_ids})["id"] == chunk["id"]  # same content, same chunk
+    listed = requests.get(f"{url}/v1/chunks", timeout=10).json()
+    assert [c["id"] for c in listed["data"]] == [chunk["id"]] and listed["stats"]["pages_pinned"] == 7
+
+    model = server_model(url)
+    composed = post(url, "/v1/completions", {"model": model, "chunks": [chunk["id"]], "prompt": tail, **GREEDY})
+    plain = post(url, "/v1/completions", {"model": model, "prompt": chunk_ids + tail, **GREEDY})
+    assert composed["choices"][0]["prompt_token_ids"] == chunk_ids + tail
+    assert composed["choices"][0]["token_ids"] == plain["choices"][0]["token_ids"]
+    assert requests.get(f"{url}/v1/chunks/{chunk['id']}", timeout=10).json()["holders"] == 0
+
+    r = requests.delete(f"{url}/v1/chunks/{chunk['id']}", timeout=10)
+    assert r.status_code == 200 and r.json()["deleted"] is True
+    for response in (requests.get(f"{url}/v1/chunks/{chunk['id']}", timeout=10),
+                     requests.delete(f"{url}/v1/chunks/{chunk['id']}", timeout=10),
+                     requests.post(f"{url}/v1/completions", timeout=30,
+                                   json={"model": model, "chunks": [chunk["id"]], "prompt": tail, **GREEDY})):
+        assert response.status_code == 404 and "unknown or deleted chunk" in response.json()["error"]["message"]
+    assert "/v1/chunks" in requests.get(f"{url}/openapi.json", timeout=10).json()["paths"]
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ("not json", "not JSON"),
+        ({"text": "a", "token_ids": [1]}, "exactly one of"),
+        ({"text": "a", "colour": "red"}, "unknown fields"),
+        ({"token_ids": [1, -2]}, "non-negative"),
+        ({"token_ids": list(range(5, 1030))}, "does not fit"),
+    ],
+)
+def test_chunk_api_refuses_bad_bodies(server, body, message):
+    url, _, _, _ = server
+    kwargs = {"data": body} if isinstance(body, str) else {"json": body}
+    r = requests.post(f"{url}/v1/chunks", timeout=30, **kwargs)
+    assert r.status_code == 400 and message in r.json()["error"]["message"], r.text
+    assert requests.get(f"{url}/v1/chunks", timeout=10).json()["data"] == []  # nothing registered
+
+
 def test_sigint_stops_server_and_cascade_ran_in_worker(server):
     url, proc, stats_dir, log_path = server
     from vllm_cascade.stats import read_stats_dir

@@ -20,6 +20,9 @@ Porting to another vLLM version starts and, ideally, ends here. What is used:
   process calls as engine-core utilities (`EngineCoreClient.call_utility`) to
   pin and unpin chunk pages in the scheduler's `KVCacheManager` (its block
   pool's reference counts, the prefix cache's block hashes).
+- `vllm.entrypoints.openai.completion.api_router.create_completion`: the chunk
+  HTTP API (an endpoint plugin, vLLM's public plugin group) wraps it so that
+  /v1/completions accepts a composition.
 
 The attention backend itself (attention/backend.py) implements vLLM's public
 backend interface (`vllm.v1.attention.backend`) and reads the KV cache as
@@ -203,6 +206,19 @@ def install_chunk_pins() -> None:
     EngineCore.cascade_pin_prefix = cascade_pin_prefix
     EngineCore.cascade_unpin_pages = cascade_unpin_pages
     EngineCore.cascade_kv_pages = cascade_kv_pages
+
+
+async def call_engine_core_async(engine_client: Any, method: str, *args: Any) -> Any:
+    """Run an engine-core utility from the API server (`engine_client` is vLLM's AsyncLLM)."""
+    return await engine_client.engine_core.call_utility_async(method, *args)
+
+
+def completion_endpoint() -> tuple[Any, Any]:
+    """vLLM's /v1/completions route function and its request model, which the chunk API wraps."""
+    from vllm.entrypoints.openai.completion.api_router import create_completion
+    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+
+    return create_completion, CompletionRequest
 
 
 def call_engine_core(llm: Any, method: str, *args: Any) -> Any:

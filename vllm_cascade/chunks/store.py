@@ -55,6 +55,36 @@ class ChunkSpec:
     parent: str | None = None  # register in the context of this chunk (its chain first)
 
 
+def register_spec(registry: ChunkRegistry, spec: ChunkSpec, own: list[int], max_model_len: int) -> tuple[Chunk, bool]:
+    """Registry side of registering `spec` (its own tokens given): -> (chunk, created)."""
+    context = list(registry.get(spec.parent).token_ids) if spec.parent else []
+    if len(context) + len(own) >= max_model_len:
+        raise CompositionTooLong(f"chunk of {len(context) + len(own)} tokens does not fit the model's "
+                                 f"context ({max_model_len})")
+    return registry.register(context + own, spec.kind, spec.label, spec.parent, len(context))
+
+
+def composition_prompt(chunks: Sequence[Chunk], tail: list[int], max_model_len: int) -> tuple[list[int], int]:
+    """-> (prompt token ids, how many of them are chunk tokens). Chunk tokens are the stored ones."""
+    tokens = [t for c in chunks for t in c.own_token_ids]
+    chunk_tokens = len(tokens)
+    tokens += tail
+    if not tokens:
+        raise ChunkError("a composition needs chunks or a tail")
+    if len(tokens) >= max_model_len:
+        raise CompositionTooLong(f"composition of {len(tokens)} tokens does not fit the model's context "
+                                 f"({max_model_len})")
+    return tokens, chunk_tokens
+
+
+def chunk_json(chunk: Chunk) -> dict:
+    """What the HTTP API shows of a chunk."""
+    return {"id": chunk.chunk_id, "object": "chunk", "kind": chunk.kind, "label": chunk.label,
+            "parent": chunk.parent, "num_tokens": len(chunk.own_token_ids), "context_tokens": chunk.context_len,
+            "num_pages": chunk.num_pages, "pinned_pages": len(chunk.pages), "holders": chunk.holders,
+            "created": int(chunk.created)}
+
+
 class ChunkStore:
     def __init__(self, llm: Any, page_budget: int | None = None, max_chunks: int = 1000,
                  evict_lru: bool = True) -> None:
@@ -85,12 +115,8 @@ class ChunkStore:
         chunks, created = [], []
         try:
             for spec in specs:
-                own = self._tokens(spec.text, spec.token_ids)
-                context = list(self.registry.get(spec.parent).token_ids) if spec.parent else []
-                if len(context) + len(own) >= self.max_model_len:
-                    raise CompositionTooLong(f"chunk of {len(context) + len(own)} tokens does not fit the model's "
-                                             f"context ({self.max_model_len})")
-                chunk, new = self.registry.register(context + own, spec.kind, spec.label, spec.parent, len(context))
+                chunk, new = register_spec(self.registry, spec, self._tokens(spec.text, spec.token_ids),
+                                           self.max_model_len)
                 chunks.append(chunk)
                 if new:
                     created.append(chunk)
@@ -130,15 +156,9 @@ class ChunkStore:
                 ids = list(comp.get("chunks", []))
                 chunks = self.registry.acquire(ids)
                 held.append(ids)
-                tokens = [t for c in chunks for t in c.own_token_ids]
-                chunk_tokens = len(tokens)
                 tail = comp.get("tail", "")
-                tokens += self._tokens(tail, None) if isinstance(tail, str) else [int(t) for t in tail]
-                if not tokens:
-                    raise ChunkError("a composition needs chunks or a tail")
-                if len(tokens) >= self.max_model_len:
-                    raise CompositionTooLong(f"composition of {len(tokens)} tokens does not fit the model's "
-                                             f"context ({self.max_model_len})")
+                tail_ids = self._tokens(tail, None) if isinstance(tail, str) else [int(t) for t in tail]
+                tokens, chunk_tokens = composition_prompt(chunks, tail_ids, self.max_model_len)
                 prompts.append(({"prompt_token_ids": tokens}, chunk_tokens))
             outputs = self.llm.generate([p for p, _ in prompts], sampling_params, use_tqdm=use_tqdm)
         finally:

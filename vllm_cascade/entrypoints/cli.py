@@ -6,15 +6,23 @@ same CLI (every subcommand and flag is vLLM's) with that one lookup answered:
 
     vllm-cascade serve MODEL --attention-backend cascade
     python -m vllm_cascade.entrypoints.cli serve MODEL --attention-backend cascade
+
+vLLM loads endpoint plugins (here: the chunk HTTP API) only when `VLLM_PLUGINS`
+names them; when it is unset, this command names the plugin's own (with
+`vllm serve`, set `VLLM_PLUGINS=cascade,cascade_chunks` yourself).
 """
 
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import sys
+
+PLUGINS = "cascade,cascade_chunks"  # the entry point names in setup.py
 
 
 def main() -> None:
+    os.environ.setdefault("VLLM_PLUGINS", PLUGINS)
     try:
         importlib.metadata.version("vllm")
     except importlib.metadata.PackageNotFoundError:
