@@ -172,8 +172,15 @@ def test_chunk_api_registers_composes_and_deletes(server, tiny_model):
     assert composed["choices"][0]["token_ids"] == plain["choices"][0]["token_ids"]
     assert requests.get(f"{url}/v1/chunks/{chunk['id']}", timeout=10).json()["holders"] == 0
 
+    text = requests.get(f"{url}/metrics", timeout=30).text
+    assert metric(text, "vllm:cascade_chunks") == 1 and metric(text, "vllm:cascade_chunk_pages_pinned") == 7
+    assert metric(text, "vllm:cascade_chunk_registrations_total") == 1
+    assert metric(text, "vllm:cascade_chunk_hits_total") >= 2  # the second POST and the composition
+
     r = requests.delete(f"{url}/v1/chunks/{chunk['id']}", timeout=10)
     assert r.status_code == 200 and r.json()["deleted"] is True
+    text = requests.get(f"{url}/metrics", timeout=30).text
+    assert metric(text, "vllm:cascade_chunk_pages_pinned") == 0 and metric(text, "vllm:cascade_chunk_deletions_total") == 1
     for response in (requests.get(f"{url}/v1/chunks/{chunk['id']}", timeout=10),
                      requests.delete(f"{url}/v1/chunks/{chunk['id']}", timeout=10),
                      requests.post(f"{url}/v1/completions", timeout=30,

@@ -16,9 +16,21 @@ multiprocess registry and these metrics are not exported).
     vllm:cascade_layer_calls_total{path}          attention calls by kernel path (eager calls; layers
                                                   replayed inside a FULL CUDA graph are not counted)
     vllm:cascade_build_seconds_total              host time planning steps (levels, work lists, uploads)
+
+With the chunk HTTP API loaded (entrypoints/http.py), its registry too:
+
+    vllm:cascade_chunks                           chunks registered now
+    vllm:cascade_chunk_pages_pinned               KV pages chunks pin now
+    vllm:cascade_chunk_registrations_total        chunks created (re-registering one is a hit)
+    vllm:cascade_chunk_lookups_total              registrations and composition lookups
+    vllm:cascade_chunk_hits_total                 of which found an existing chunk
+    vllm:cascade_chunk_evictions_total            chunks evicted (LRU) to make room
+    vllm:cascade_chunk_deletions_total            chunks deleted
 """
 
 from __future__ import annotations
+
+import sys
 
 from vllm_cascade.stats import get_stats
 
@@ -52,6 +64,21 @@ class CascadeCollector:
         yield counter("layer_calls", "Attention layer calls by kernel path.", label="path", values=stats["paths"])
         yield counter("build_seconds", "Host time the cascade metadata builder spent planning steps.",
                       stats["build_ns"] / 1e9)
+        yield from self._chunk_metrics(counter)
+
+    @staticmethod
+    def _chunk_metrics(counter):
+        http = sys.modules.get("vllm_cascade.entrypoints.http")
+        service = getattr(http, "ACTIVE_SERVICE", None)
+        if service is None:
+            return
+        from prometheus_client.core import GaugeMetricFamily
+
+        chunks = service.registry.stats()
+        yield GaugeMetricFamily("vllm:cascade_chunks", "Chunks registered now.", chunks["chunks"])
+        yield GaugeMetricFamily("vllm:cascade_chunk_pages_pinned", "KV pages chunks pin now.", chunks["pages_pinned"])
+        for name in ("registrations", "lookups", "hits", "evictions", "deletions"):
+            yield counter(f"chunk_{name}", f"Chunk registry {name}.", chunks[name])
 
 
 def register_collector() -> None:

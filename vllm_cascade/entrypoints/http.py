@@ -31,6 +31,7 @@ from vllm_cascade.chunks.registry import ChunkError, ChunkRegistry, UnknownChunk
 from vllm_cascade.chunks.store import DEFAULT_PAGE_RATIO, ChunkSpec, chunk_json, composition_prompt, register_spec
 
 PLUGIN_NAME = "cascade_chunks"
+ACTIVE_SERVICE: "ChunkService | None" = None  # this API server's, for /metrics (metrics.py)
 _SPEC_FIELDS = {"text": str, "token_ids": list, "kind": str, "label": str, "parent": str}
 
 
@@ -220,4 +221,5 @@ class ChunkEndpoints:
     async def init_state(self, engine_client: Any, state: Any, args: Any) -> None:
         if engine_client is not None:
             pages = await vllm_compat.call_engine_core_async(engine_client, "cascade_kv_pages")
-            state.cascade_chunks = ChunkService(engine_client, pages["total"])
+            global ACTIVE_SERVICE
+            state.cascade_chunks = ACTIVE_SERVICE = ChunkService(engine_client, pages["total"])
