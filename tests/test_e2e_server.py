@@ -148,6 +148,9 @@ def test_metrics_show_cascade_levels_and_saved_bytes(server):
     assert metric(text, "vllm:cascade_level_pages_total", 'level="0"') > 0
     assert metric(text, "vllm:cascade_layer_calls_total", 'path="torch"') > 0
     assert metric(text, "vllm:cascade_build_seconds_total") > 0
+    kinds = files["steps_by_kind"]
+    assert kinds.get("decode", 0) > 0 and kinds.get("prefill", 0) > 0 and sum(kinds.values()) == files["steps"]
+    assert sum(files["build_ns_by_kind"].values()) == files["build_ns"]
     read, flat = metric(text, "vllm:cascade_kv_bytes_read_total"), metric(text, "vllm:cascade_kv_bytes_flat_total")
     assert 0 < read < flat and metric(text, "vllm:cascade_kv_bytes_saved_total") == flat - read
     assert "vllm:num_requests_running" in text  # the same endpoint as vLLM's own metrics

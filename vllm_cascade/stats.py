@@ -33,7 +33,8 @@ STATS_DIR_ENV = "CASCADE_STATS_DIR"
 INTERVAL_ENV = "CASCADE_STATS_INTERVAL_S"
 _COUNTERS = ("steps", "cascade_steps", "layer_calls", "pages_read", "flat_pages_read", "kv_bytes_read",
              "kv_bytes_flat", "build_ns")
-_COUNTERS_BY_KEY = ("levels", "level_pages", "level_queries", "paths", "model_steps", "block_table_reads")
+_COUNTERS_BY_KEY = ("levels", "level_pages", "level_queries", "paths", "model_steps", "block_table_reads",
+                    "steps_by_kind", "build_ns_by_kind")
 
 
 @dataclass
@@ -46,6 +47,8 @@ class AttentionStats:
     kv_bytes_read: int = 0  # KV bytes read over all layers of the group
     kv_bytes_flat: int = 0  # what flat attention would have read
     build_ns: int = 0  # host time in the metadata builder (planning, work lists, uploads), measured
+    steps_by_kind: Counter = field(default_factory=Counter)  # builds by step kind ("decode", "prefill")
+    build_ns_by_kind: Counter = field(default_factory=Counter)  # build_ns by step kind
     levels: Counter = field(default_factory=Counter)  # steps by number of levels
     level_pages: Counter = field(default_factory=Counter)  # pages read per level ("0", "1", ..., "own")
     level_queries: Counter = field(default_factory=Counter)  # query tokens attending each level

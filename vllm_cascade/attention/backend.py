@@ -152,7 +152,11 @@ class CascadeMetadataBuilder(AttentionMetadataBuilder[CascadeMetadata]):
             kernel = decode  # also the buffers a captured decode graph reads
         if kernel is not None:
             kernel.plan(plan, block_table, seq_lens, query_start_loc)
-        STATS.build_ns += time.perf_counter_ns() - start_ns
+        kind = "decode" if cm.max_query_len <= 1 else "prefill"  # prefill: any step with a longer query
+        spent = time.perf_counter_ns() - start_ns
+        STATS.build_ns += spent
+        STATS.build_ns_by_kind[kind] += spent
+        STATS.steps_by_kind[kind] += 1
         return CascadeMetadata(
             num_actual_tokens=cm.num_actual_tokens,
             query_start_loc=query_start_loc,
