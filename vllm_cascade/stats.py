@@ -80,6 +80,13 @@ class AttentionStats:
             self._flusher = threading.Thread(target=self._flush_loop, name="cascade-stats", daemon=True)
             self._flusher.start()
 
+    def record_build(self, kind: str, spent_ns: int) -> None:
+        """The builder's host time for one step of `kind` ("decode" or "prefill")."""
+        self.build_ns += spent_ns
+        self.build_ns_by_kind[kind] += spent_ns
+        self.steps_by_kind[kind] += 1
+        self._dirty = True  # the daemon thread writes it
+
     def _flush_loop(self) -> None:
         while True:
             time.sleep(0.25)

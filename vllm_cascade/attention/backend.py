@@ -153,10 +153,7 @@ class CascadeMetadataBuilder(AttentionMetadataBuilder[CascadeMetadata]):
         if kernel is not None:
             kernel.plan(plan, block_table, seq_lens, query_start_loc)
         kind = "decode" if cm.max_query_len <= 1 else "prefill"  # prefill: any step with a longer query
-        spent = time.perf_counter_ns() - start_ns
-        STATS.build_ns += spent
-        STATS.build_ns_by_kind[kind] += spent
-        STATS.steps_by_kind[kind] += 1
+        STATS.record_build(kind, time.perf_counter_ns() - start_ns)
         return CascadeMetadata(
             num_actual_tokens=cm.num_actual_tokens,
             query_start_loc=query_start_loc,
