@@ -50,7 +50,7 @@ class ChunkService:
     async def register(self, spec: ChunkSpec) -> dict:
         from vllm import SamplingParams
 
-        own = list(spec.token_ids) if spec.token_ids is not None else self._tokenize(spec.text)
+        own = list(spec.token_ids) if spec.token_ids is not None else self.tokenize(spec.text)
         chunk, created = register_spec(self.registry, spec, own, self.max_model_len)
         if created:
             try:
@@ -77,7 +77,7 @@ class ChunkService:
             pages, self._unpin[:] = list(self._unpin), []
             await vllm_compat.call_engine_core_async(self.engine, "cascade_unpin_pages", pages)
 
-    def _tokenize(self, text: str | None) -> list[int]:
+    def tokenize(self, text: str | None) -> list[int]:
         if text is None:
             raise ChunkError("give a chunk's text or its token ids")
         return list(self.engine.get_tokenizer().encode(text, add_special_tokens=False))
@@ -171,7 +171,7 @@ async def completions_with_chunks(request: Request):
             raise ChunkError("'chunks' must be a list of chunk ids")
         tail = body.get("prompt", "")
         if isinstance(tail, str):
-            tail_ids = service._tokenize(tail) if tail else []
+            tail_ids = service.tokenize(tail) if tail else []
         elif isinstance(tail, list) and all(isinstance(t, int) for t in tail):
             tail_ids = list(tail)
         else:
