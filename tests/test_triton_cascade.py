@@ -67,6 +67,21 @@ def test_worklist_covers_every_key_once(seed):
         torch.testing.assert_close(acc[0], ref[t], atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.parametrize("seed", range(40))
+def test_flat_decode_fast_path_equals_the_general_path(seed):
+    from vllm_cascade.attention import worklist
+    from vllm_cascade.attention.plan import flat_plan
+
+    rng = np.random.default_rng(seed)
+    rows, page, pages_per_item = int(rng.integers(1, 20)), int(rng.choice([8, 16])), int(rng.integers(1, 6))
+    seq_lens, qsl = rng.integers(1, 300, size=rows), np.arange(rows + 1)
+    plan = flat_plan(seq_lens, page)
+    fast = worklist.build_worklist(plan, seq_lens, qsl, page, 8, pages_per_item, 32)
+    general = worklist._general_worklist(plan, seq_lens, qsl, page, 8, pages_per_item, 32)
+    for name in worklist.WorkList.__dataclass_fields__:
+        np.testing.assert_array_equal(np.asarray(getattr(fast, name)), np.asarray(getattr(general, name)), name)
+
+
 @pytest.fixture(scope="module")
 def triton_cascade():
     from vllm_cascade.ops import triton_cascade

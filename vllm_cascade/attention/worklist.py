@@ -68,8 +68,14 @@ def build_worklist(
     tile, not once per narrow one); wide items come first."""
     seq_lens = np.asarray(seq_lens, dtype=np.int64)
     qsl = np.asarray(query_start_loc, dtype=np.int64)
-    narrow = tokens_per_item
-    wide = max(wide_tokens_per_item or narrow, narrow)
+    if plan.is_flat and int(qsl[-1]) == len(seq_lens) and (np.diff(qsl) == 1).all():
+        return _flat_decode_worklist(seq_lens, page_size, pages_per_item)
+    return _general_worklist(plan, seq_lens, qsl, page_size, tokens_per_item, pages_per_item,
+                             max(wide_tokens_per_item or tokens_per_item, tokens_per_item))
+
+
+def _general_worklist(plan: CascadePlan, seq_lens: np.ndarray, qsl: np.ndarray, page_size: int, narrow: int,
+                      pages_per_item: int, wide: int) -> WorkList:
     num_tokens = int(qsl[-1])
     query_lens = np.diff(qsl)
     q_pos = np.arange(num_tokens) + np.repeat(seq_lens - query_lens - qsl[:-1], query_lens)
@@ -150,6 +156,26 @@ def build_worklist(
         kv_len=i32(kv_len), causal=i32(causal[tile]), item_part=i32(item_part), q_tokens=i32(q_tokens),
         q_pos=i32(q_pos), contrib_off=contrib_off, contrib_row=contrib_row,
         num_wide=int(runs[:num_wide_tiles].sum()),
+    )
+
+
+def _flat_decode_worklist(seq_lens: np.ndarray, page_size: int, pages_per_item: int) -> WorkList:
+    """The common decode step (one query per row, no sharing) in a few array operations: the
+    same items as the general path (row r's token is r; its runs are consecutive items)."""
+    rows = len(seq_lens)
+    runs = -(-np.maximum(seq_lens, 0) // (pages_per_item * page_size))
+    tile = np.repeat(np.arange(rows), runs)
+    page_start = _index_within(runs) * pages_per_item
+    num_items = len(tile)
+    contrib_off = np.zeros(rows + 1, dtype=np.int32)
+    np.cumsum(runs, out=contrib_off[1:])
+    i32 = lambda a: np.asarray(a, dtype=np.int32)  # noqa: E731
+    return WorkList(
+        q_off=i32(tile), q_len=np.ones(num_items, np.int32), bt_row=i32(tile), page_start=i32(page_start),
+        kv_len=i32(np.minimum(seq_lens[tile] - page_start * page_size, pages_per_item * page_size)),
+        causal=np.ones(num_items, np.int32), item_part=np.arange(num_items, dtype=np.int32),
+        q_tokens=np.arange(rows, dtype=np.int32), q_pos=i32(seq_lens - 1), contrib_off=contrib_off,
+        contrib_row=np.arange(num_items, dtype=np.int32), num_wide=0,
     )
 
 
