@@ -5,8 +5,8 @@ call (the impl; a Python integer add). Each worker writes its counters to
 `$CASCADE_STATS_DIR/attention-<pid>.json`, at most once per
 `CASCADE_STATS_INTERVAL_S` seconds (default 1) from the step, and a daemon
 thread writes what changed since within 0.25 s, so the last steps before an
-engine is shut down (its processes are not always given an exit) are counted. The plugin gives every vLLM run
-a fresh directory (spawned engine and worker processes inherit the variable),
+engine is shut down (its processes are not always given an exit) are counted.
+The plugin gives every vLLM run a fresh directory (spawned engine and worker processes inherit the variable),
 so the front process (API server, `LLM`) can sum them: `/metrics` through
 `vllm_cascade.metrics`, Python through `get_stats()`.
 
@@ -108,10 +108,11 @@ class AttentionStats:
         self._last_dump = now
         self._dirty = False
         path = os.path.join(out_dir, f"attention-{os.getpid()}.json")
+        tmp = f"{path}.{threading.get_ident()}.tmp"  # the step and the flusher thread may both write
         try:
-            with open(f"{path}.tmp", "w") as f:
+            with open(tmp, "w") as f:
                 json.dump(self.snapshot(), f)
-            os.replace(f"{path}.tmp", path)
+            os.replace(tmp, path)
         except OSError:
             pass  # the run's directory is gone (its front process exited): nothing to report to
 
