@@ -146,14 +146,14 @@ class CascadeMetadataBuilder(AttentionMetadataBuilder[CascadeMetadata]):
             )
         level_pages, level_queries = plan.level_summary(query_lens)
         STATS.record_step(plan.num_levels, level_pages, level_queries, plan.flat_pages_read, self.group_page_bytes)
+        is_decode = cm.max_query_len <= 1  # else "prefill": any step with a longer query
         kernel = self.kernel
         decode = self.decode_kernel
-        if decode is not None and cm.max_query_len <= 1 and query_start_loc[-1] <= decode.capacity["tokens"]:
+        if decode is not None and is_decode and query_start_loc[-1] <= decode.capacity["tokens"]:
             kernel = decode  # also the buffers a captured decode graph reads
         if kernel is not None:
             kernel.plan(plan, block_table, seq_lens, query_start_loc)
-        kind = "decode" if cm.max_query_len <= 1 else "prefill"  # prefill: any step with a longer query
-        STATS.record_build(kind, time.perf_counter_ns() - start_ns)
+        STATS.record_build("decode" if is_decode else "prefill", time.perf_counter_ns() - start_ns)
         return CascadeMetadata(
             num_actual_tokens=cm.num_actual_tokens,
             query_start_loc=query_start_loc,

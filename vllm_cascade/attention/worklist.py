@@ -1,8 +1,9 @@
 """A cascade plan cut into work items for the fused kernel (ops/triton_cascade.py).
 
 Pure numpy. A work item is one tile of query tokens attending one run of KV
-pages; the kernel runs every item of every level in one launch (a program per
-item and KV head) and a second launch merges each token's partial results.
+pages; the kernel runs every item of every level (one launch for wide tiles,
+one for narrow ones, programs striding over items and KV heads) and a last
+launch merges each token's partial results.
 Pages are addressed through the block table (`bt_row`, `page_start`): a shared
 segment's pages are the same in all its rows, so any one row names them, and
 the host never builds page lists (no device-to-host copy for flat steps).
@@ -86,7 +87,7 @@ def _general_worklist(plan: CascadePlan, seq_lens: np.ndarray, qsl: np.ndarray, 
 
     # Own level, vectorized (one group per row with queries): contiguous token ranges.
     rows = np.flatnonzero(query_lens)
-    row_wide = query_lens[rows] > narrow if wide > narrow else np.zeros(len(rows), dtype=bool)
+    row_wide = (query_lens[rows] > narrow) & (wide > narrow)
     size = np.where(row_wide, wide, narrow)
     per_row = -(-query_lens[rows] // size)
     t_row = np.repeat(rows, per_row)
@@ -150,11 +151,10 @@ def _general_worklist(plan: CascadePlan, seq_lens: np.ndarray, qsl: np.ndarray, 
     contrib_row = np.argsort(row_token, kind="stable").astype(np.int32)
     contrib_off = np.zeros(num_tokens + 1, dtype=np.int32)
     np.cumsum(np.bincount(row_token, minlength=num_tokens), out=contrib_off[1:])
-    i32 = lambda a: np.asarray(a, dtype=np.int32)  # noqa: E731
     return WorkList(
-        q_off=i32(tile_off[tile]), q_len=i32(q_len), bt_row=i32(bt_row[tile]), page_start=i32(page_start),
-        kv_len=i32(kv_len), causal=i32(causal[tile]), item_part=i32(item_part), q_tokens=i32(q_tokens),
-        q_pos=i32(q_pos), contrib_off=contrib_off, contrib_row=contrib_row,
+        q_off=_i32(tile_off[tile]), q_len=_i32(q_len), bt_row=_i32(bt_row[tile]), page_start=_i32(page_start),
+        kv_len=_i32(kv_len), causal=_i32(causal[tile]), item_part=_i32(item_part), q_tokens=_i32(q_tokens),
+        q_pos=_i32(q_pos), contrib_off=contrib_off, contrib_row=contrib_row,
         num_wide=int(runs[:num_wide_tiles].sum()),
     )
 
@@ -169,14 +169,17 @@ def _flat_decode_worklist(seq_lens: np.ndarray, page_size: int, pages_per_item: 
     num_items = len(tile)
     contrib_off = np.zeros(rows + 1, dtype=np.int32)
     np.cumsum(runs, out=contrib_off[1:])
-    i32 = lambda a: np.asarray(a, dtype=np.int32)  # noqa: E731
     return WorkList(
-        q_off=i32(tile), q_len=np.ones(num_items, np.int32), bt_row=i32(tile), page_start=i32(page_start),
-        kv_len=i32(np.minimum(seq_lens[tile] - page_start * page_size, pages_per_item * page_size)),
+        q_off=_i32(tile), q_len=np.ones(num_items, np.int32), bt_row=_i32(tile), page_start=_i32(page_start),
+        kv_len=_i32(np.minimum(seq_lens[tile] - page_start * page_size, pages_per_item * page_size)),
         causal=np.ones(num_items, np.int32), item_part=np.arange(num_items, dtype=np.int32),
-        q_tokens=np.arange(rows, dtype=np.int32), q_pos=i32(seq_lens - 1), contrib_off=contrib_off,
+        q_tokens=np.arange(rows, dtype=np.int32), q_pos=_i32(seq_lens - 1), contrib_off=contrib_off,
         contrib_row=np.arange(num_items, dtype=np.int32), num_wide=0,
     )
+
+
+def _i32(a) -> np.ndarray:
+    return np.asarray(a, dtype=np.int32)
 
 
 def _index_within(counts: np.ndarray) -> np.ndarray:

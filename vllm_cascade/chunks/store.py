@@ -33,7 +33,7 @@ What happens today:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,6 +53,16 @@ class ChunkSpec:
     kind: str = "context"
     label: str | None = None
     parent: str | None = None  # register in the context of this chunk (its chain first)
+
+
+def make_registry(vllm_config: Any, total_pages: int, on_free: Callable[[list[int]], None],
+                  page_budget: int | None = None, max_chunks: int = 1000, evict_lru: bool = True) -> ChunkRegistry:
+    """The registry of one vLLM engine: chunk ids fingerprinted by model, dtype and page size;
+    by default chunks may pin DEFAULT_PAGE_RATIO of the engine's `total_pages`."""
+    model, block_size = vllm_config.model_config, vllm_config.cache_config.block_size
+    budget = page_budget if page_budget is not None else int(total_pages * DEFAULT_PAGE_RATIO)
+    return ChunkRegistry(f"{model.model}|{model.dtype}|{block_size}", block_size, budget, max_chunks, evict_lru,
+                         on_free=on_free)
 
 
 def register_spec(registry: ChunkRegistry, spec: ChunkSpec, own: list[int], max_model_len: int) -> tuple[Chunk, bool]:
@@ -93,13 +103,8 @@ class ChunkStore:
             raise ChunkError("chunks need prefix caching: create the LLM with enable_prefix_caching=True")
         self.llm = llm
         self.max_model_len = config.model_config.max_model_len
-        pages = self.kv_pages()["total"]
-        fingerprint = f"{config.model_config.model}|{config.model_config.dtype}|{config.cache_config.block_size}"
-        self.registry = ChunkRegistry(
-            fingerprint, config.cache_config.block_size,
-            page_budget if page_budget is not None else int(pages * DEFAULT_PAGE_RATIO),
-            max_chunks, evict_lru, on_free=self._unpin,
-        )  # fmt: skip
+        self.registry = make_registry(config, self.kv_pages()["total"], self._unpin, page_budget, max_chunks,
+                                      evict_lru)
         self.counters = {"compositions": 0, "chunk_tokens": 0, "reused_tokens": 0, "prefilled_chunk_tokens": 0}
 
     # -- chunks ------------------------------------------------------------------------------------

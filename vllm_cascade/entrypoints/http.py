@@ -27,8 +27,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 
 from vllm_cascade import vllm_compat
-from vllm_cascade.chunks.registry import ChunkError, ChunkRegistry, UnknownChunk
-from vllm_cascade.chunks.store import DEFAULT_PAGE_RATIO, ChunkSpec, chunk_json, composition_prompt, register_spec
+from vllm_cascade.chunks.registry import ChunkError, UnknownChunk
+from vllm_cascade.chunks.store import ChunkSpec, chunk_json, composition_prompt, make_registry, register_spec
 
 PLUGIN_NAME = "cascade_chunks"
 ACTIVE_SERVICE: "ChunkService | None" = None  # this API server's, for /metrics (metrics.py)
@@ -43,9 +43,7 @@ class ChunkService:
         self.engine = engine_client
         self.max_model_len = config.model_config.max_model_len
         self._unpin: list[int] = []  # pages the registry let go, handed back after each operation
-        fingerprint = f"{config.model_config.model}|{config.model_config.dtype}|{config.cache_config.block_size}"
-        self.registry = ChunkRegistry(fingerprint, config.cache_config.block_size,
-                                      int(total_pages * DEFAULT_PAGE_RATIO), on_free=self._unpin.extend)
+        self.registry = make_registry(config, total_pages, on_free=self._unpin.extend)
 
     async def register(self, spec: ChunkSpec) -> dict:
         from vllm import SamplingParams
