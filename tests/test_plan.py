@@ -59,3 +59,39 @@ def test_little_sharing_runs_flat():
     table = np.array([[1, 2, 3], [1, 4, 5]])
     plan = plan_cascade(table, np.array([40, 40]), np.array([1, 1]), 16)  # saves 1 page of 6
     assert plan.is_flat and plan.pages_read == plan.flat_pages_read == 6
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_decode_steps_reuse_the_plan_planning_again_would_make(seed):
+    """Decode steps of the same requests: the reused plan equals a fresh one, step after step,
+    as each row's own pages grow (and sharing may stop paying)."""
+    from vllm_cascade.attention.plan import DecodePlanReuse
+
+    rng = np.random.default_rng(seed)
+    page = int(rng.choice([4, 16]))
+    table, seq_lens, _, next_page = random_batch(rng, page, max_rows=20)
+    table = np.concatenate([table, np.zeros((len(table), 64), table.dtype)], axis=1)
+    ones = np.ones(len(seq_lens), np.int64)
+    settings = dict(max_levels=int(rng.integers(2, 4)), min_saved_pages=int(rng.integers(1, 8)),
+                    min_saved_fraction=float(rng.choice([0.0, 0.3])))
+    reuse = DecodePlanReuse()
+    reused_steps = 0
+    for step in range(3 * page):
+        fresh = plan_cascade(table, seq_lens, ones, page, **settings)
+        plan = reuse.get("same requests", seq_lens, page, settings["min_saved_fraction"])
+        if plan is None:
+            reuse.put("same requests", fresh, seq_lens.copy())
+        else:
+            reused_steps += 1
+            assert [[(s.rows.tolist(), s.first_page, s.pages.tolist()) for s in lvl] for lvl in plan.shared] == \
+                   [[(s.rows.tolist(), s.first_page, s.pages.tolist()) for s in lvl] for lvl in fresh.shared]
+            assert (plan.own_first_page.tolist(), plan.pages_read, plan.flat_pages_read) == \
+                   (fresh.own_first_page.tolist(), fresh.pages_read, fresh.flat_pages_read)
+        # One decode step: each row writes a token; a row whose last page fills gets a fresh page.
+        for r in range(len(seq_lens)):
+            if seq_lens[r] % page == 0:
+                table[r, seq_lens[r] // page] = next_page
+                next_page += 1
+        seq_lens = seq_lens + 1
+    assert reused_steps == 3 * page - 1
+    assert reuse.get("other requests", seq_lens, page, 0.0) is None

@@ -68,18 +68,28 @@ def test_worklist_covers_every_key_once(seed):
 
 
 @pytest.mark.parametrize("seed", range(40))
-def test_flat_decode_fast_path_equals_the_general_path(seed):
+def test_decode_fast_path_equals_the_general_path(seed):
+    """Decode steps (one query per row), flat and with shared levels: the same items, same order."""
     from vllm_cascade.attention import worklist
     from vllm_cascade.attention.plan import flat_plan
 
     rng = np.random.default_rng(seed)
-    rows, page, pages_per_item = int(rng.integers(1, 20)), int(rng.choice([8, 16])), int(rng.integers(1, 6))
-    seq_lens, qsl = rng.integers(1, 300, size=rows), np.arange(rows + 1)
-    plan = flat_plan(seq_lens, page)
-    fast = worklist.build_worklist(plan, seq_lens, qsl, page, 8, pages_per_item, 32)
-    general = worklist._general_worklist(plan, seq_lens, qsl, page, 8, pages_per_item, 32)
-    for name in worklist.WorkList.__dataclass_fields__:
-        np.testing.assert_array_equal(np.asarray(getattr(fast, name)), np.asarray(getattr(general, name)), name)
+    page, pages_per_item, narrow = int(rng.choice([8, 16])), int(rng.integers(1, 6)), int(rng.integers(1, 9))
+    if seed % 2:
+        rows = int(rng.integers(1, 20))
+        seq_lens = rng.integers(1, 300, size=rows)
+        plan = flat_plan(seq_lens, page)
+    else:
+        table, seq_lens, _, _ = random_batch(rng, page, max_rows=40)
+        rows = len(seq_lens)
+        plan = plan_cascade(table, seq_lens, np.ones(rows, np.int64), page, int(rng.integers(2, 4)),
+                            min_saved_pages=1, min_saved_fraction=0.0)
+    qsl = np.arange(rows + 1)
+    for _ in range(2):  # the second call reuses the plan's cached shared items
+        fast = worklist.build_worklist(plan, seq_lens, qsl, page, narrow, pages_per_item, narrow * 4)
+        general = worklist._general_worklist(plan, seq_lens, qsl, page, narrow, pages_per_item, narrow * 4)
+        for name in worklist.WorkList.__dataclass_fields__:
+            np.testing.assert_array_equal(np.asarray(getattr(fast, name)), np.asarray(getattr(general, name)), name)
 
 
 @pytest.fixture(scope="module")

@@ -124,6 +124,9 @@ class HostBlockIds:
         import numpy as np
 
         self.tables = [np.zeros(tuple(t.gpu.shape), dtype=np.int32) for t in block_tables.block_tables]
+        # Slots given new contents (a request added or resumed). Between two such writes a slot's
+        # table only grows at its end, so its earlier pages, and what it shares, stay as they were.
+        self.overwrites = 0
 
     def rows(self, group: int, req_idx):
         return self.tables[group][req_idx]
@@ -155,6 +158,7 @@ def mirror_block_tables(block_tables_cls=None) -> None:
         if mirror is None:
             mirror = self.__dict__["_cascade_host_ids"] = HostBlockIds(self)
         _host_block_ids = mirror
+        mirror.overwrites += bool(overwrite)
         for group, start in enumerate(starts):
             ids = new_block_ids[group]
             if self.redirect_writes_to_null_block:

@@ -32,7 +32,7 @@ from vllm.v1.attention.backend import (
 from vllm.v1.kv_cache_layout import KVCacheLayout
 
 from vllm_cascade import BACKEND_NAME, vllm_compat
-from vllm_cascade.attention.plan import CascadePlan, flat_plan, plan_cascade
+from vllm_cascade.attention.plan import CascadePlan, DecodePlanReuse, flat_plan, plan_cascade
 from vllm_cascade.config import SUPPORTED_HEAD_SIZES, CascadeConfig
 from vllm_cascade.ops import torch_attention
 from vllm_cascade.stats import STATS
@@ -103,6 +103,7 @@ class CascadeMetadataBuilder(AttentionMetadataBuilder[CascadeMetadata]):
         self.group_page_bytes = kv_cache_spec.page_size_bytes * len(layer_names)  # one page, every layer
         self.kernel: FlashInferCascade | None = None  # steps with prefill (and all steps with "flashinfer")
         self.decode_kernel: TritonCascade | None = None  # decode steps, fixed buffers (CUDA graphs)
+        self.reuse = DecodePlanReuse()  # decode steps of unchanged requests plan once
         if device.type == "cuda":
             from vllm_cascade.ops.flashinfer_attention import FlashInferCascade
 
@@ -133,20 +134,26 @@ class CascadeMetadataBuilder(AttentionMetadataBuilder[CascadeMetadata]):
         block_table = cm.block_table_tensor[:num_rows]
         query_lens = np.diff(query_start_loc)
 
-        plan = flat_plan(seq_lens, self.page_size)
-        if self._may_share(seq_lens, query_lens):
-            plan = plan_cascade(
-                self._host_block_table(cm, block_table),
-                seq_lens,
-                query_lens,
-                self.page_size,
-                self.config.max_cascade_levels,
-                self.config.min_saved_pages,
-                self.config.min_saved_fraction,
-            )
+        is_decode = cm.max_query_len <= 1  # else "prefill": any step with a longer query
+        reuse_key = self._reuse_key(cm, block_table) if is_decode else None
+        plan = self.reuse.get(reuse_key, seq_lens, self.page_size, self.config.min_saved_fraction)
+        if plan is None:
+            plan = flat_plan(seq_lens, self.page_size)
+            if self._may_share(seq_lens, query_lens):
+                plan = plan_cascade(
+                    self._host_block_table(cm, block_table),
+                    seq_lens,
+                    query_lens,
+                    self.page_size,
+                    self.config.max_cascade_levels,
+                    self.config.min_saved_pages,
+                    self.config.min_saved_fraction,
+                )
+            self.reuse.put(reuse_key, plan, seq_lens)
+        else:
+            STATS.plans_reused += 1
         level_pages, level_queries = plan.level_summary(query_lens)
         STATS.record_step(plan.num_levels, level_pages, level_queries, plan.flat_pages_read, self.group_page_bytes)
-        is_decode = cm.max_query_len <= 1  # else "prefill": any step with a longer query
         kernel = self.kernel
         decode = self.decode_kernel
         if decode is not None and is_decode and query_start_loc[-1] <= decode.capacity["tokens"]:
@@ -178,6 +185,15 @@ class CascadeMetadataBuilder(AttentionMetadataBuilder[CascadeMetadata]):
         # V1 runner, several KV-cache groups, speculators: the copy waits for the device.
         STATS.block_table_reads["device_copy"] += 1
         return table.cpu().numpy()
+
+    @staticmethod
+    def _reuse_key(cm: CommonAttentionMetadata, table: torch.Tensor) -> tuple | None:
+        """Identifies a decode step's requests and their pages (DecodePlanReuse), where vLLM lets us:
+        the rows' slots and the count of slot overwrites of the host mirror. None: plan afresh."""
+        mirror = vllm_compat.host_block_ids()
+        if table.device.type == "cpu" or mirror is None or cm.req_idx is None or len(mirror.tables) != 1:
+            return None
+        return cm.req_idx.tobytes(), mirror.overwrites
 
     def _may_share(self, seq_lens: np.ndarray, query_lens: np.ndarray) -> bool:
         """Cheap test before reading the block table: could any sharing pay?"""

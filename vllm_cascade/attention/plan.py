@@ -31,7 +31,7 @@ Example:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -55,6 +55,9 @@ class CascadePlan:
     own_first_page: np.ndarray  # [num_rows] block index where each row's own pages start
     pages_read: int  # KV pages one layer reads with this plan
     flat_pages_read: int  # KV pages one layer reads attending each request alone
+    # Host data derived from the shared levels alone (work-list items), kept with them: a plan whose
+    # levels are reused across decode steps reuses it too.
+    cache: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def num_levels(self) -> int:
@@ -64,11 +67,59 @@ class CascadePlan:
     def is_flat(self) -> bool:
         return not self.shared
 
+    @property
+    def shared_pages(self) -> int:
+        return sum(len(s.pages) for lvl in self.shared for s in lvl)
+
     def level_summary(self, query_lens: np.ndarray) -> tuple[list[int], list[int]]:
         """(pages read, query tokens) per level, shared levels first, the own level last."""
         pages = [sum(len(s.pages) for s in lvl) for lvl in self.shared]
         queries = [int(sum(query_lens[s.rows].sum() for s in lvl)) for lvl in self.shared]
         return pages + [self.pages_read - sum(pages)], queries + [int(query_lens.sum())]
+
+
+@dataclass
+class DecodePlanReuse:
+    """The last decode step's plan, reused by the next decode step of the same requests.
+
+    In a decode step every page of a row but its last is complete, and the last (being
+    written) is the row's own: vLLM never hands a request a cached page to write into.
+    A running request's table only grows at its end, with fresh pages. So while a batch
+    holds the same requests in the same rows, its shared levels are exactly what they
+    were and only each row's own pages grow: planning again would find the same levels.
+    `key` must change whenever a request is added, removed, moved to another row or
+    given new pages at an earlier index (the builder uses the rows' slots and the count
+    of slot overwrites of vLLM's block table); None means "do not reuse".
+
+    Example:
+        >>> bt = np.array([[7, 8, 1], [7, 8, 2]])
+        >>> reuse = DecodePlanReuse()
+        >>> plan = plan_cascade(bt, np.array([40, 40]), np.array([1, 1]), 16, min_saved_pages=1, min_saved_fraction=0)
+        >>> reuse.put("step-key", plan, np.array([40, 40]))
+        >>> nxt = reuse.get("step-key", np.array([41, 49]), 16, min_saved_fraction=0)
+        >>> nxt.shared is plan.shared, nxt.pages_read, nxt.flat_pages_read
+        (True, 5, 7)
+    """
+
+    key: object = None
+    plan: CascadePlan | None = None
+    seq_lens: np.ndarray | None = None
+
+    def get(self, key: object, seq_lens: np.ndarray, block_size: int, min_saved_fraction: float) -> CascadePlan | None:
+        if key is None or key != self.key or len(seq_lens) != len(self.seq_lens) or (seq_lens < self.seq_lens).any():
+            return None
+        plan = self.plan
+        if plan.is_flat:
+            return flat_plan(seq_lens, block_size)
+        pages = _num_pages(seq_lens, block_size)
+        flat_pages = int(pages.sum())
+        pages_read = plan.shared_pages + int((pages - plan.own_first_page).sum())
+        if flat_pages - pages_read < min_saved_fraction * flat_pages:
+            return flat_plan(seq_lens, block_size)  # own pages grew: sharing no longer pays
+        return CascadePlan(plan.shared, plan.own_first_page, pages_read, flat_pages, plan.cache)
+
+    def put(self, key: object, plan: CascadePlan, seq_lens: np.ndarray) -> None:
+        self.key, self.plan, self.seq_lens = key, plan, seq_lens
 
 
 def flat_plan(seq_lens: np.ndarray, block_size: int) -> CascadePlan:

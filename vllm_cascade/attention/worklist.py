@@ -69,10 +69,10 @@ def build_worklist(
     tile, not once per narrow one); wide items come first."""
     seq_lens = np.asarray(seq_lens, dtype=np.int64)
     qsl = np.asarray(query_start_loc, dtype=np.int64)
-    if plan.is_flat and int(qsl[-1]) == len(seq_lens) and (np.diff(qsl) == 1).all():
-        return _flat_decode_worklist(seq_lens, page_size, pages_per_item)
-    return _general_worklist(plan, seq_lens, qsl, page_size, tokens_per_item, pages_per_item,
-                             max(wide_tokens_per_item or tokens_per_item, tokens_per_item))
+    wide = max(wide_tokens_per_item or tokens_per_item, tokens_per_item)
+    if int(qsl[-1]) == len(seq_lens) and (np.diff(qsl) == 1).all():
+        return _decode_worklist(plan, seq_lens, page_size, tokens_per_item, pages_per_item, wide)
+    return _general_worklist(plan, seq_lens, qsl, page_size, tokens_per_item, pages_per_item, wide)
 
 
 def _general_worklist(plan: CascadePlan, seq_lens: np.ndarray, qsl: np.ndarray, page_size: int, narrow: int,
@@ -110,20 +110,26 @@ def _general_worklist(plan: CascadePlan, seq_lens: np.ndarray, qsl: np.ndarray, 
             seg_tiles += [(tokens[t : t + step], int(seg.rows[0]), seg.first_page, end, is_wide)
                           for t in range(0, len(tokens), step)]
 
-    # Wide tiles first, then narrow: (own wide, shared wide, own narrow, shared narrow).
+    # Wide tiles first, then narrow: (own wide, shared wide, shared narrow, own narrow), the order
+    # `_decode_worklist` builds too.
     parts, token_parts = [], []
     for want_wide in (True, False):
         sel = own["wide"] == want_wide
-        parts.append({k: v[sel] for k, v in own.items() if k not in ("start", "wide")})
-        token_parts.append(np.repeat(own["start"][sel], own["len"][sel]) + _index_within(own["len"][sel]))
+        own_part = {k: v[sel] for k, v in own.items() if k not in ("start", "wide")}
+        own_tokens = np.repeat(own["start"][sel], own["len"][sel]) + _index_within(own["len"][sel])
         mine = [t for t in seg_tiles if t[4] == want_wide]
-        parts.append({"len": np.array([len(t[0]) for t in mine], dtype=np.int64),
-                      "bt_row": np.array([t[1] for t in mine], dtype=np.int64),
-                      "first_page": np.array([t[2] for t in mine], dtype=np.int64),
-                      "kv_end": np.array([t[3] for t in mine], dtype=np.int64),
-                      "causal": np.zeros(len(mine), dtype=np.int64),
-                      "run_pages": np.full(len(mine), pages_per_item, dtype=np.int64)})
-        token_parts += [t[0] for t in mine]
+        shared_part = {"len": np.array([len(t[0]) for t in mine], dtype=np.int64),
+                       "bt_row": np.array([t[1] for t in mine], dtype=np.int64),
+                       "first_page": np.array([t[2] for t in mine], dtype=np.int64),
+                       "kv_end": np.array([t[3] for t in mine], dtype=np.int64),
+                       "causal": np.zeros(len(mine), dtype=np.int64),
+                       "run_pages": np.full(len(mine), pages_per_item, dtype=np.int64)}
+        if want_wide:
+            parts += [own_part, shared_part]
+            token_parts += [own_tokens, *(t[0] for t in mine)]
+        else:
+            parts += [shared_part, own_part]
+            token_parts += [*(t[0] for t in mine), own_tokens]
     tiles = {k: np.concatenate([p[k] for p in parts]).astype(np.int64) for k in parts[0]}
     num_wide_tiles = len(parts[0]["len"]) + len(parts[1]["len"])
     q_tokens = np.concatenate(token_parts).astype(np.int64)
@@ -159,23 +165,70 @@ def _general_worklist(plan: CascadePlan, seq_lens: np.ndarray, qsl: np.ndarray, 
     )
 
 
-def _flat_decode_worklist(seq_lens: np.ndarray, page_size: int, pages_per_item: int) -> WorkList:
-    """The common decode step (one query per row, no sharing) in a few array operations: the
-    same items as the general path (row r's token is r; its runs are consecutive items)."""
+def _decode_worklist(plan: CascadePlan, seq_lens: np.ndarray, page_size: int, narrow: int, pages_per_item: int,
+                     wide: int) -> WorkList:
+    """A decode step (one query per row; row r's token is r) in a few array operations: the same
+    items as the general path. The shared levels' items depend on the plan alone, so they are
+    built once per plan (`plan.cache`), and a plan reused across decode steps reuses them."""
     rows = len(seq_lens)
-    runs = -(-np.maximum(seq_lens, 0) // (pages_per_item * page_size))
+    key = ("decode_items", page_size, narrow, pages_per_item, wide)
+    shared = _NO_SHARED_ITEMS if plan.is_flat else plan.cache.get(key)
+    if shared is None:
+        shared = plan.cache[key] = _shared_decode_items(plan, page_size, narrow, pages_per_item, wide)
+    first = plan.own_first_page.astype(np.int64)
+    runs = -(-np.maximum(-(-seq_lens // page_size) - first, 0) // pages_per_item)
     tile = np.repeat(np.arange(rows), runs)
-    page_start = _index_within(runs) * pages_per_item
-    num_items = len(tile)
+    page_start = first[tile] + _index_within(runs) * pages_per_item
+    own_kv_len = np.minimum(seq_lens[tile] - page_start * page_size, pages_per_item * page_size)
+    num_shared_items, num_shared_tokens = len(shared["q_len"]), len(shared["q_tokens"])
+    q_len = np.concatenate([shared["q_len"], np.ones(len(tile), np.int64)])
+    item_part = np.cumsum(q_len) - q_len
+    row_token = np.concatenate([shared["row_token"], tile])
     contrib_off = np.zeros(rows + 1, dtype=np.int32)
-    np.cumsum(runs, out=contrib_off[1:])
+    np.cumsum(np.bincount(row_token, minlength=rows), out=contrib_off[1:])
     return WorkList(
-        q_off=_i32(tile), q_len=np.ones(num_items, np.int32), bt_row=_i32(tile), page_start=_i32(page_start),
-        kv_len=_i32(np.minimum(seq_lens[tile] - page_start * page_size, pages_per_item * page_size)),
-        causal=np.ones(num_items, np.int32), item_part=np.arange(num_items, dtype=np.int32),
-        q_tokens=np.arange(rows, dtype=np.int32), q_pos=_i32(seq_lens - 1), contrib_off=contrib_off,
-        contrib_row=np.arange(num_items, dtype=np.int32), num_wide=0,
+        q_off=_i32(np.concatenate([shared["q_off"], num_shared_tokens + tile])), q_len=_i32(q_len),
+        bt_row=_i32(np.concatenate([shared["bt_row"], tile])),
+        page_start=_i32(np.concatenate([shared["page_start"], page_start])),
+        kv_len=_i32(np.concatenate([shared["kv_len"], own_kv_len])),
+        causal=_i32(np.concatenate([np.zeros(num_shared_items, np.int64), np.ones(len(tile), np.int64)])),
+        item_part=_i32(item_part), q_tokens=_i32(np.concatenate([shared["q_tokens"], np.arange(rows)])),
+        q_pos=_i32(seq_lens - 1), contrib_off=contrib_off,
+        contrib_row=np.argsort(row_token, kind="stable").astype(np.int32), num_wide=shared["num_wide"],
     )
+
+
+_EMPTY = np.zeros(0, np.int64)
+_NO_SHARED_ITEMS = {"q_off": _EMPTY, "q_len": _EMPTY, "bt_row": _EMPTY, "page_start": _EMPTY, "kv_len": _EMPTY,
+                    "q_tokens": _EMPTY, "row_token": _EMPTY, "num_wide": 0}
+
+
+def _shared_decode_items(plan: CascadePlan, page_size: int, narrow: int, pages_per_item: int,
+                         wide: int) -> dict:
+    """Items of the shared levels of a decode step: wide tiles, then narrow ones (as the general path)."""
+    tiles: list[tuple[np.ndarray, int, int, int, bool]] = []  # tokens, bt_row, first_page, pages, wide
+    for level in plan.shared:
+        for seg in level:
+            is_wide = len(seg.rows) > narrow < wide
+            step = wide if is_wide else narrow
+            tiles += [(seg.rows[t : t + step], int(seg.rows[0]), seg.first_page, len(seg.pages), is_wide)
+                      for t in range(0, len(seg.rows), step)]
+    tiles = [t for t in tiles if t[4]] + [t for t in tiles if not t[4]]
+    tokens = [t[0].astype(np.int64) for t in tiles]
+    tile_len = np.array([len(t) for t in tokens], dtype=np.int64)
+    tile_off = np.cumsum(tile_len) - tile_len
+    runs = np.array([-(-t[3] // pages_per_item) for t in tiles], dtype=np.int64)
+    tile = np.repeat(np.arange(len(tiles)), runs)
+    first = np.array([t[2] for t in tiles], dtype=np.int64)
+    end = first + np.array([t[3] for t in tiles], dtype=np.int64)
+    page_start = first[tile] + _index_within(runs) * pages_per_item
+    return {
+        "q_off": tile_off[tile], "q_len": tile_len[tile], "bt_row": np.array([t[1] for t in tiles], np.int64)[tile],
+        "page_start": page_start, "kv_len": np.minimum(end[tile] - page_start, pages_per_item) * page_size,
+        "q_tokens": np.concatenate(tokens) if tokens else np.zeros(0, np.int64),
+        "row_token": np.concatenate([tokens[i] for i in tile]) if len(tile) else np.zeros(0, np.int64),
+        "num_wide": int(runs[: sum(t[4] for t in tiles)].sum()),
+    }
 
 
 def _i32(a) -> np.ndarray:
