@@ -3,30 +3,49 @@
 # tool's 10-minute limit per command (a process in its own session survives
 # the command that started it, until the machine goes back).
 #
-#   bash benchmarks/device_session.sh start   # after the bundle printed READY; returns at once
-#   bash benchmarks/device_session.sh poll    # progress; copies finished logs to $OUT
+#   bash benchmarks/device_session.sh start STEP...   # after the bundle printed READY; returns at once
+#   bash benchmarks/device_session.sh poll            # progress; copies finished logs to $OUT
 #
-# Order = priority (a machine is held 30 minutes at most): throughput of every
-# workload and backend, the token check, GPU tests, the kernel benchmark.
-# A step that fails does not stop the next; each step's log says how it ended.
+# Steps run in the order given (a machine is held 30 minutes at most, so put
+# first what matters most): host-bench, step-profile, throughput, gpu-check,
+# gpu-tests, kernel-bench, model-bench, chunks-bench. With no STEP: throughput
+# gpu-check gpu-tests kernel-bench. A step that fails does not stop the next;
+# each step's log says how it ended.
 set -u
 RUN=${CASCADE_RUN_DIR:-/root/cascade-run}
+M=.models/qwen3-0.6b
+run_step() {
+    case "$1" in
+    host-bench) python3 benchmarks/host_bench.py ;;
+    step-profile) python3 benchmarks/step_profile.py --model $M --workloads single,shared \
+                      --backends FLASH_ATTN,CASCADE --log-dir "$RUN" ;;
+    throughput) python3 benchmarks/throughput.py --model $M --backends FLASHINFER,CASCADE,FLASH_ATTN --log-dir "$RUN" ;;
+    gpu-check) python3 benchmarks/gpu_check.py --model $M --backends FLASH_ATTN,CASCADE --log-dir "$RUN" ;;
+    gpu-tests) python3 -m pytest -q tests/test_triton_cascade.py tests/test_gpu_attention.py tests/test_fused_qwen3.py ;;
+    kernel-bench) python3 benchmarks/kernel_bench.py ;;
+    model-bench) python3 benchmarks/model_bench.py --model $M --log-dir "$RUN" ;;
+    chunks-bench) python3 benchmarks/chunks_bench.py --model $M --log-dir "$RUN" ;;
+    *) echo "unknown step $1"; return 2 ;;
+    esac
+}
 case "${1:-}" in
 start)
+    shift
+    steps="${*:-throughput gpu-check gpu-tests kernel-bench}"
     mkdir -p "$RUN"
+    export RUN
     setsid nohup bash -c '
         source benchmarks/device_env.sh
-        step() { name=$1; shift; echo "$(date +%T) start $name" >> '"$RUN"'/progress
-                 "$@" > '"$RUN"'/$name.log 2>&1; rc=$?; echo "$(date +%T) end $name rc=$rc" >> '"$RUN"'/progress; }
-        step throughput python3 benchmarks/throughput.py --model .models/qwen3-0.6b \
-            --backends FLASHINFER,CASCADE,FLASH_ATTN --log-dir '"$RUN"'
-        step gpu-check python3 benchmarks/gpu_check.py --model .models/qwen3-0.6b \
-            --backends FLASH_ATTN,CASCADE --log-dir '"$RUN"'
-        step gpu-tests python3 -m pytest -q tests/test_triton_cascade.py tests/test_gpu_attention.py
-        step kernel-bench python3 benchmarks/kernel_bench.py
-        echo "$(date +%T) all done" >> '"$RUN"'/progress
+        source <(sed -n "/^run_step()/,/^}/p" benchmarks/device_session.sh)
+        M='"$M"'
+        for name in '"$steps"'; do
+            echo "$(date +%T) start $name" >> "$RUN/progress"
+            run_step "$name" > "$RUN/$name.log" 2>&1; rc=$?
+            echo "$(date +%T) end $name rc=$rc" >> "$RUN/progress"
+        done
+        echo "$(date +%T) all done" >> "$RUN/progress"
     ' > "$RUN/session.log" 2>&1 < /dev/null &
-    echo "started in the background; poll with: bash benchmarks/device_session.sh poll"
+    echo "started in the background: $steps; poll with: bash benchmarks/device_session.sh poll"
     ;;
 poll)
     cat "$RUN/progress" 2>/dev/null || echo "nothing started"
@@ -34,18 +53,19 @@ poll)
         [ -f "$log" ] || continue
         echo "== $(basename "$log"): $(tail -n 1 "$log" | cut -c1-200)"
     done
-    # What comes back: at most 8 files; the step logs, then the tails of the per-backend engine logs.
+    # What comes back: the step logs, the profiles, then the tails of the per-backend engine logs.
     if [ -n "${OUT:-}" ]; then
-        for f in progress gpu-tests.log kernel-bench.log throughput.log gpu-check.log session.log; do
-            [ -f "$RUN/$f" ] && cp "$RUN/$f" "$OUT/"
+        for f in "$RUN"/progress "$RUN"/*.log "$RUN"/profile-*-cpu.txt; do
+            case "$(basename "$f")" in tput-*|check-*|profile-*.log|model-*|chunks-*) continue ;; esac
+            [ -f "$f" ] && cp "$f" "$OUT/"
         done
-        for log in "$RUN"/tput-*.log "$RUN"/check-*.log; do
-            [ -f "$log" ] && { echo "=== $(basename "$log")"; tail -n 80 "$log"; }
+        for log in "$RUN"/tput-*.log "$RUN"/check-*.log "$RUN"/profile-*.log "$RUN"/model-*.log "$RUN"/chunks-*.log; do
+            [ -f "$log" ] && { echo "=== $(basename "$log")"; tail -n 60 "$log"; }
         done > "$OUT/engine-tails.txt" 2>/dev/null
     fi
     ;;
 *)
-    echo "usage: bash benchmarks/device_session.sh start|poll" >&2
+    echo "usage: bash benchmarks/device_session.sh start [STEP...] | poll" >&2
     exit 2
     ;;
 esac
