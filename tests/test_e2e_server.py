@@ -3,8 +3,10 @@
 Starts the OpenAI-compatible server on 127.0.0.1 (vLLM's default compilation
 mode, unlike the eager `LLM` tests), sends a completion and a chat
 completion, compares the greedy tokens with vLLM's CPU_ATTN backend run
-offline, stops the server with SIGINT and checks, from the counters written
-inside the worker, that CASCADE served the requests.
+offline, exercises the chunk API (registration, compositions in completions
+and chat completions, errors 400/404/409/413, the OpenAPI schema), stops the
+server with SIGINT and checks, from the counters written inside the worker,
+that CASCADE served the requests.
 """
 
 from __future__ import annotations
@@ -193,21 +195,161 @@ def test_chunk_api_registers_composes_and_deletes(server, tiny_model):
 
 
 @pytest.mark.parametrize(
-    ("body", "message"),
+    ("body", "status", "message"),
     [
-        ("not json", "not JSON"),
-        ({"text": "a", "token_ids": [1]}, "exactly one of"),
-        ({"text": "a", "colour": "red"}, "unknown fields"),
-        ({"token_ids": [1, -2]}, "non-negative"),
-        ({"token_ids": list(range(5, 1030))}, "does not fit"),
+        ("not json", 400, "not JSON"),
+        ({"text": "a", "token_ids": [1]}, 400, "exactly one of"),
+        ({"text": "a", "colour": "red"}, 400, "unknown fields"),
+        ({"token_ids": [1, -2]}, 400, "non-negative"),
+        ({"token_ids": list(range(5, 1030))}, 413, "does not fit"),
     ],
 )
-def test_chunk_api_refuses_bad_bodies(server, body, message):
+def test_chunk_api_refuses_bad_bodies(server, body, status, message):
     url, _, _, _ = server
     kwargs = {"data": body} if isinstance(body, str) else {"json": body}
     r = requests.post(f"{url}/v1/chunks", timeout=30, **kwargs)
-    assert r.status_code == 400 and message in r.json()["error"]["message"], r.text
+    assert r.status_code == status and message in r.json()["error"]["message"], r.text
     assert requests.get(f"{url}/v1/chunks", timeout=10).json()["data"] == []  # nothing registered
+
+
+# A system prompt as a chunk: the chat template's system turn, written out; the chat messages
+# that follow it are templated by vLLM as usual.
+SYSTEM = ("You are a helpful assistant. The library opens at nine in the morning and closes at six in the "
+          "evening on weekdays. Please remember to bring your passport, your ticket, and a warm jacket.")
+SYSTEM_TURN = f"<|im_start|>system\n{SYSTEM}<|im_end|>\n"
+USER = [{"role": "user", "content": "Can you tell me a story about a brave mouse?"}]
+
+
+def chunk_stats(url: str) -> dict:
+    return requests.get(f"{url}/v1/chunks", timeout=10).json()["stats"]
+
+
+def sse_events(response) -> list[dict]:
+    events = []
+    for line in response.iter_lines(decode_unicode=True):
+        if line.startswith("data: ") and line != "data: [DONE]":
+            events.append(json.loads(line[len("data: "):]))
+    return events
+
+
+def test_chat_with_chunks_equals_the_text_written_out(server):
+    """/v1/chat/completions with "chunks": the chunks' stored tokens, then the templated messages;
+    greedy tokens equal the same conversation sent as plain messages, and the chunk is reused."""
+    url, _, _, _ = server
+    model = server_model(url)
+    chunk = post(url, "/v1/chunks", {"text": SYSTEM_TURN, "kind": "system"})
+    assert chunk["status"] == "ready" and chunk["num_tokens"] >= 32, chunk
+    before = chunk_stats(url)
+
+    composed = post(url, "/v1/chat/completions", {"model": model, "chunks": [chunk["id"]], "messages": USER, **GREEDY})
+    plain = post(url, "/v1/chat/completions",
+                 {"model": model, "messages": [{"role": "system", "content": SYSTEM}, *USER], **GREEDY})
+    assert composed["prompt_token_ids"] == plain["prompt_token_ids"]  # the chunk was not tokenized again
+    assert composed["choices"][0]["token_ids"] == plain["choices"][0]["token_ids"]
+    assert composed["choices"][0]["message"]["content"] == plain["choices"][0]["message"]["content"]
+    assert composed["usage"]["prompt_tokens"] == len(plain["prompt_token_ids"])
+
+    # Its full pages came from the chunk's pinned pages (vLLM's num_cached_tokens, counted by the API).
+    after = chunk_stats(url)
+    assert after["compositions"] == before["compositions"] + 1
+    assert after["chunk_tokens"] - before["chunk_tokens"] == chunk["num_tokens"]
+    assert after["reused_tokens"] - before["reused_tokens"] == chunk["num_tokens"] // 16 * 16
+    assert 0 < after["chunk_reuse_rate"] <= 1
+
+    # Streaming: the same text, and the chunk is held until the stream ends.
+    with requests.post(f"{url}/v1/chat/completions", timeout=120, stream=True,
+                       json={"model": model, "chunks": [chunk["id"]], "messages": USER, "stream": True, **GREEDY}) as r:
+        assert r.status_code == 200, r.text
+        events = sse_events(r)
+    text = "".join(e["choices"][0]["delta"].get("content") or "" for e in events if e["choices"])
+    assert text == composed["choices"][0]["message"]["content"]
+    assert requests.get(f"{url}/v1/chunks/{chunk['id']}", timeout=10).json()["holders"] == 0
+    assert requests.delete(f"{url}/v1/chunks/{chunk['id']}", timeout=10).status_code == 200
+
+
+def test_composition_errors_over_completions_and_chat(server, tiny_model):
+    """400 malformed, 404 unknown chunk, 413 longer than the context; the chunks are released."""
+    from test_e2e_llm import window
+
+    url, _, _, _ = server
+    model = server_model(url)
+    a = post(url, "/v1/chunks", {"token_ids": window(tiny_model, 0, 600)})
+    b = post(url, "/v1/chunks", {"token_ids": window(tiny_model, 1000, 500)})
+    routes = {"/v1/completions": {"model": model, "prompt": "Once upon a time", **GREEDY},
+              "/v1/chat/completions": {"model": model, "messages": USER, **GREEDY}}
+    for route, body in routes.items():
+        cases = [
+            ({**body, "chunks": a["id"]}, 400, "must be a list of chunk ids"),
+            ({**body, "chunks": [a["id"], 7]}, 400, "must be a list of chunk ids"),
+            ({**body, "chunks": ["f" * 64]}, 404, "unknown or deleted chunk"),
+            ({**body, "chunks": [a["id"], b["id"]]}, 413, "does not fit the model's context"),
+        ]
+        if route == "/v1/completions":
+            cases.append(({**body, "chunks": [a["id"]], "prompt": ["two", "prompts"]}, 400, "one text or one list"))
+        else:
+            cases.append(({"model": model, "chunks": [a["id"]]}, 400, "messages"))  # no messages
+        for case, status, message in cases:
+            r = requests.post(f"{url}{route}", json=case, timeout=60)
+            assert r.status_code == status and message in r.json()["error"]["message"], (route, case.get("chunks"), r.text)
+        r = requests.post(f"{url}{route}", data="{not json", timeout=60)
+        assert r.status_code == 400 and "not JSON" in r.json()["error"]["message"], r.text
+    for chunk in (a, b):
+        assert requests.get(f"{url}/v1/chunks/{chunk['id']}", timeout=10).json()["holders"] == 0
+        assert requests.delete(f"{url}/v1/chunks/{chunk['id']}", timeout=10).status_code == 200
+
+
+def test_conflicts_while_a_chunk_is_being_registered(server, tiny_model):
+    """409: deleting a chunk whose registration (prefill, pinning) is under way. A second POST of
+    the same content waits for the first and returns the same, pinned chunk."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from test_e2e_llm import window
+
+    url, _, _, _ = server
+    model = server_model(url)
+    tokens = window(tiny_model, 300, 64)
+    # Traffic ahead of the chunk: 8 running requests (--max-num-seqs 8) and 40 waiting, 900 tokens
+    # each, so that the chunk's prefill waits in vLLM's queue (first come, first served) until the
+    # busy requests' clients leave.
+    busy = [requests.post(f"{url}/v1/completions", stream=True, timeout=120,
+                          json={"model": model, "prompt": f"{PROMPT} {i}", "stream": True,
+                                "temperature": 0.0, "max_tokens": 900, "ignore_eos": True}) for i in range(48)]
+    try:
+        assert all(r.status_code == 200 for r in busy)
+        with ThreadPoolExecutor(2) as pool:
+            first = pool.submit(post, url, "/v1/chunks", {"token_ids": tokens})
+            deadline = time.monotonic() + 60
+            while not (listed := requests.get(f"{url}/v1/chunks", timeout=10).json()["data"]):
+                assert time.monotonic() < deadline and not first.done(), "the registration did not start"
+                time.sleep(0.05)
+            (pending,) = listed
+            assert pending["status"] == "registering" and pending["pinned_pages"] == 0, pending
+            r = requests.delete(f"{url}/v1/chunks/{pending['id']}", timeout=10)
+            assert r.status_code == 409 and "still being registered" in r.json()["error"]["message"], r.text
+            second = pool.submit(post, url, "/v1/chunks", {"token_ids": tokens})
+            time.sleep(0.5)
+            assert not first.done() and not second.done()  # both wait for the prefill
+            for r in busy:  # free the slots (vLLM aborts a request whose client left)
+                r.close()
+            chunks = [first.result(timeout=120), second.result(timeout=120)]
+    finally:
+        for r in busy:
+            r.close()
+    assert chunks[0] == chunks[1] and chunks[0]["status"] == "ready"
+    assert chunks[0]["pinned_pages"] == chunks[0]["num_pages"] == 64 // 16
+    assert requests.delete(f"{url}/v1/chunks/{pending['id']}", timeout=10).status_code == 200
+
+
+def test_chunk_routes_are_in_the_openapi_schema(server):
+    url, _, _, _ = server
+    paths = requests.get(f"{url}/openapi.json", timeout=10).json()["paths"]
+    assert {"get", "post"} <= set(paths["/v1/chunks"]) and {"get", "delete"} <= set(paths["/v1/chunks/{chunk_id}"])
+    chunk_body = paths["/v1/chunks"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert {"text", "token_ids", "kind", "label", "parent"} == set(chunk_body["properties"])
+    for route in ("/v1/completions", "/v1/chat/completions"):
+        operation = paths[route]["post"]
+        assert "chunks" in operation["tags"], operation
+        assert "chunks" in operation["requestBody"]["content"]["application/json"]["schema"]["properties"]
 
 
 def test_sigint_stops_server_and_cascade_ran_in_worker(server):

@@ -20,9 +20,13 @@ Porting to another vLLM version starts and, ideally, ends here. What is used:
   process calls as engine-core utilities (`EngineCoreClient.call_utility`) to
   pin and unpin chunk pages in the scheduler's `KVCacheManager` (its block
   pool's reference counts, the prefix cache's block hashes).
-- `vllm.entrypoints.openai.completion.api_router.create_completion`: the chunk
-  HTTP API (an endpoint plugin, vLLM's public plugin group) wraps it so that
-  /v1/completions accepts a composition.
+- `vllm.entrypoints.openai.completion.api_router.create_completion` and
+  `...chat_completion.api_router.create_chat_completion`: the chunk HTTP API
+  (an endpoint plugin, vLLM's public plugin group) wraps them so that
+  /v1/completions and /v1/chat/completions accept a composition; for chat it
+  also wraps, on this server's instances only, `OpenAIServingChat.
+  render_chat_request` (the chunks' tokens go before the rendered messages)
+  and `AsyncLLM.generate` (to read each composed request's `num_cached_tokens`).
 
 The attention backend itself (attention/backend.py) implements vLLM's public
 backend interface (`vllm.v1.attention.backend`) and reads the KV cache as
@@ -32,6 +36,7 @@ functions: the platform hook runs while vLLM is still resolving its platform.
 
 from __future__ import annotations
 
+from contextvars import ContextVar
 from typing import Any
 
 from vllm_cascade import BACKEND_NAME
@@ -223,6 +228,69 @@ def completion_endpoint() -> tuple[Any, Any]:
     from vllm.entrypoints.openai.completion.protocol import CompletionRequest
 
     return create_completion, CompletionRequest
+
+
+def chat_endpoint() -> tuple[Any, Any]:
+    """vLLM's /v1/chat/completions route function and its request model, which the chunk API wraps."""
+    from vllm.entrypoints.openai.chat_completion.api_router import create_chat_completion
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+
+    return create_chat_completion, ChatCompletionRequest
+
+
+def hook_compositions(state: Any, current: ContextVar) -> None:
+    """Let the chunk routes' compositions reach vLLM's serving path, on this API server's objects.
+
+    `current.get()` is the composition of the request being served, or None; the chunk routes set
+    it before calling vLLM's route, so the tasks vLLM starts for the request see it too. Two
+    instance-level wrappers, no-ops for requests without a composition:
+    - `state.openai_serving_chat.render_chat_request`: each rendered chat prompt becomes
+      `composition.compose(token_ids)` (`None` for a prompt that is not plain token ids), i.e. the
+      chunks' tokens followed by the chat template's, before vLLM sizes and schedules the request;
+    - `state.engine_client.generate`: the request's outputs go to `composition.observe(output)`,
+      where vLLM's `num_cached_tokens` says how much of the prompt the prefix cache served."""
+    chat = getattr(state, "openai_serving_chat", None)
+    if chat is not None and not getattr(chat.render_chat_request, "_cascade_wrapped", False):
+        render = chat.render_chat_request
+
+        async def render_chat_request(request: Any, *args: Any, **kwargs: Any) -> Any:
+            result = await render(request, *args, **kwargs)
+            composition = current.get()
+            if composition is None or not isinstance(result, tuple):  # no chunks, or vLLM's ErrorResponse
+                return result
+            conversation, engine_inputs = result
+            composed = []
+            for engine_input in engine_inputs:
+                plain = engine_input.get("type") == "token"
+                token_ids = composition.compose(list(engine_input["prompt_token_ids"]) if plain else None)
+                # The text and character offsets would describe the messages only: drop them.
+                kept = {k: v for k, v in engine_input.items() if k not in ("prompt", "prompt_token_offsets")}
+                composed.append({**kept, "prompt_token_ids": token_ids})
+            return conversation, composed
+
+        render_chat_request._cascade_wrapped = True  # type: ignore[attr-defined]
+        chat.render_chat_request = render_chat_request
+
+    engine = state.engine_client
+    if not getattr(engine.generate, "_cascade_wrapped", False):
+        generate = engine.generate
+
+        def observed_generate(*args: Any, **kwargs: Any) -> Any:
+            composition = current.get()  # read now: the stream may be consumed in another task
+            stream = generate(*args, **kwargs)
+            return stream if composition is None else _observed(stream, composition)
+
+        observed_generate._cascade_wrapped = True  # type: ignore[attr-defined]
+        engine.generate = observed_generate
+
+
+async def _observed(stream: Any, composition: Any) -> Any:
+    try:
+        async for output in stream:
+            composition.observe(output)
+            yield output
+    finally:
+        await stream.aclose()  # a client that went away aborts the request, as without the wrapper
 
 
 def call_engine_core(llm: Any, method: str, *args: Any) -> Any:

@@ -23,7 +23,7 @@ from vllm_cascade.chunks.registry import ChunkError
 
 
 class CompositionTooLong(ChunkError):
-    status = 400
+    status = 413  # the request is larger than the model's context
 
 
 @dataclass(frozen=True)

@@ -44,6 +44,12 @@ from vllm_cascade.chunks.registry import Chunk, ChunkError, ChunkRegistry
 DEFAULT_PAGE_RATIO = 0.5  # share of the KV cache chunks may pin
 
 
+class ChunkConflict(ChunkError):
+    """The chunk changed state under the request (e.g. deleted or evicted while being registered)."""
+
+    status = 409
+
+
 @dataclass(frozen=True)
 class ChunkSpec:
     """One chunk to register: text (tokenized here, once) or token ids."""
@@ -85,6 +91,19 @@ def composition_prompt(chunks: Sequence[Chunk], tail: list[int], max_model_len: 
         raise CompositionTooLong(f"composition of {len(tokens)} tokens does not fit the model's context "
                                  f"({max_model_len})")
     return tokens, chunk_tokens
+
+
+def count_composition(counters: dict[str, int], chunk_tokens: int, num_cached_tokens: int | None) -> None:
+    """Account one composed request that vLLM prefilled: its chunk tokens, and how many of them the
+    prefix cache served (vLLM's `num_cached_tokens`, which counts from the prompt's start)."""
+    counters["compositions"] += 1
+    counters["chunk_tokens"] += chunk_tokens
+    counters["reused_tokens"] += min(num_cached_tokens or 0, chunk_tokens)
+
+
+def reuse_rate(counters: dict[str, int]) -> float:
+    """Share of composed chunk tokens that were reused rather than computed again."""
+    return counters["reused_tokens"] / counters["chunk_tokens"] if counters["chunk_tokens"] else 0.0
 
 
 def chunk_json(chunk: Chunk) -> dict:
@@ -170,9 +189,7 @@ class ChunkStore:
             for ids in held:
                 self.registry.release(ids)
         for out, (_, chunk_tokens) in zip(outputs, prompts):
-            self.counters["compositions"] += 1
-            self.counters["chunk_tokens"] += chunk_tokens
-            self.counters["reused_tokens"] += min(out.num_cached_tokens or 0, chunk_tokens)
+            count_composition(self.counters, chunk_tokens, out.num_cached_tokens)
         return outputs
 
     # -- state -------------------------------------------------------------------------------------
@@ -184,9 +201,7 @@ class ChunkStore:
     def stats(self) -> dict:
         """Registry counters and pages, plus how many chunk tokens compositions reused (measured from
         vLLM's cached-token counts) rather than computed."""
-        chunk_tokens = self.counters["chunk_tokens"]
-        return {**self.registry.stats(), **self.counters,
-                "chunk_reuse_rate": self.counters["reused_tokens"] / chunk_tokens if chunk_tokens else 0.0}
+        return {**self.registry.stats(), **self.counters, "chunk_reuse_rate": reuse_rate(self.counters)}
 
     def _tokens(self, text: str | None, token_ids: Sequence[int] | None) -> list[int]:
         if token_ids is not None:

@@ -1,17 +1,28 @@
 """The chunk HTTP API inside `vllm serve`: a vLLM endpoint plugin (`vllm.endpoint_plugins`).
 
-    POST   /v1/chunks          {"text" | "token_ids", "kind", "label", "parent"} -> the chunk
-    GET    /v1/chunks          -> {"object": "list", "data": [chunks], "stats": {...}}
-    GET    /v1/chunks/{id}     -> the chunk
-    DELETE /v1/chunks/{id}     -> {"id", "object": "chunk.deleted", "deleted": true}
-    POST   /v1/completions     vLLM's, plus an optional "chunks": [ids]: the prompt is then those
-                               chunks' stored tokens followed by "prompt" (text or token ids)
+    POST   /v1/chunks             {"text" | "token_ids", "kind", "label", "parent"} -> the chunk
+    GET    /v1/chunks             -> {"object": "list", "data": [chunks], "stats": {...}}
+    GET    /v1/chunks/{id}        -> the chunk
+    DELETE /v1/chunks/{id}        -> {"id", "object": "chunk.deleted", "deleted": true}
+    POST   /v1/completions        vLLM's, plus an optional "chunks": [ids]: the prompt is then
+                                  those chunks' stored tokens followed by "prompt" (text or ids)
+    POST   /v1/chat/completions   vLLM's, plus an optional "chunks": [ids]: the prompt is then
+                                  those chunks' stored tokens followed by the chat-templated
+                                  "messages" (templated and tokenized by vLLM, as without chunks)
 
-Errors are JSON `{"error": {"message", "type", "code"}}` with 400 (malformed body, too long),
-404 (unknown or deleted chunk) or 413 (registry or page budget full). vLLM loads endpoint
-plugins only when named in `VLLM_PLUGINS`; `vllm-cascade serve` names this one (and the
-plugin's others) when the variable is unset. Same semantics as the Python API
-(chunks/store.py), on vLLM's async engine client.
+Chunk tokens are never tokenized again: a composed prompt is token ids throughout. A chunk shows
+`"status": "registering"` until its prefill is done and its pages are pinned, then `"ready"`.
+`GET /v1/chunks` carries the registry's stats and how many composed chunk tokens vLLM's prefix
+cache served (`reused_tokens`, `chunk_reuse_rate`, measured from each request's
+`num_cached_tokens`).
+
+Errors are JSON `{"error": {"message", "type", "code"}}`:
+400 malformed body; 404 unknown or deleted chunk; 409 the chunk changed state under the request
+(deleted while its registration runs, or evicted before its pages were pinned); 413 composition
+(or chunk) longer than the model's context, or registry / page budget full. vLLM loads endpoint
+plugins only when named in `VLLM_PLUGINS`; `vllm-cascade serve` names this one (and the plugin's
+others) when the variable is unset. Same semantics as the Python API (chunks/store.py), on
+vLLM's async engine client.
 
     curl -s localhost:8000/v1/chunks -d '{"text": "You are a careful assistant.", "kind": "system"}'
     curl -s localhost:8000/v1/completions -d '{"model": M, "chunks": ["<id>"], "prompt": "Q: ...", "max_tokens": 32}'
@@ -19,7 +30,11 @@ plugin's others) when the variable is unset. Same semantics as the Python API
 
 from __future__ import annotations
 
+import asyncio
 import uuid
+import weakref
+from collections.abc import AsyncIterator, Callable
+from contextvars import ContextVar
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
@@ -27,12 +42,23 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 
 from vllm_cascade import vllm_compat
-from vllm_cascade.chunks.registry import ChunkError, UnknownChunk
-from vllm_cascade.chunks.store import ChunkSpec, chunk_json, composition_prompt, make_registry, register_spec
+from vllm_cascade.chunks.registry import Chunk, ChunkError, UnknownChunk
+from vllm_cascade.chunks.store import (
+    ChunkConflict,
+    ChunkSpec,
+    chunk_json,
+    composition_prompt,
+    count_composition,
+    make_registry,
+    register_spec,
+    reuse_rate,
+)
 
 PLUGIN_NAME = "cascade_chunks"
-ACTIVE_SERVICE: "ChunkService | None" = None  # this API server's, for /metrics (metrics.py)
+ACTIVE_SERVICE: ChunkService | None = None  # this API server's, for /metrics (metrics.py)
 _SPEC_FIELDS = {"text": str, "token_ids": list, "kind": str, "label": str, "parent": str}
+# The request being served, for the hooks in vLLM's serving path (vllm_compat.hook_compositions).
+COMPOSITION: ContextVar[Composition | None] = ContextVar("cascade_composition", default=None)
 
 
 class ChunkService:
@@ -44,31 +70,66 @@ class ChunkService:
         self.max_model_len = config.model_config.max_model_len
         self._unpin: list[int] = []  # pages the registry let go, handed back after each operation
         self.registry = make_registry(config, total_pages, on_free=self._unpin.extend)
+        # Chunks whose prefill and pinning are under way -> the error that ended them (None: fine).
+        self._registering: dict[str, asyncio.Future[BaseException | None]] = {}
+        self.counters = {"compositions": 0, "chunk_tokens": 0, "reused_tokens": 0}
 
     async def register(self, spec: ChunkSpec) -> dict:
         from vllm import SamplingParams
 
         own = list(spec.token_ids) if spec.token_ids is not None else self.tokenize(spec.text)
         chunk, created = register_spec(self.registry, spec, own, self.max_model_len)
-        if created:
+        if not created:
+            pending = self._registering.get(chunk.chunk_id)
+            if pending is not None:  # the same content, registered by a request still running
+                failed = await asyncio.shield(pending)
+                if failed is not None:
+                    raise ChunkConflict(f"registering chunk {chunk.chunk_id} failed in a concurrent request "
+                                        f"({type(failed).__name__}: {failed}); register it again")
+            return self.json(chunk)
+        done: asyncio.Future[BaseException | None] = asyncio.get_running_loop().create_future()
+        self._registering[chunk.chunk_id] = done
+        error: BaseException | None = None
+        try:
+            prompt = {"prompt_token_ids": list(chunk.token_ids)}
+            async for _ in self.engine.generate(prompt, SamplingParams(max_tokens=1, temperature=0.0),
+                                                f"cascade-chunk-{uuid.uuid4().hex}"):
+                pass
+            pages = await vllm_compat.call_engine_core_async(self.engine, "cascade_pin_prefix",
+                                                             list(chunk.token_ids))
             try:
-                prompt = {"prompt_token_ids": list(chunk.token_ids)}
-                async for _ in self.engine.generate(prompt, SamplingParams(max_tokens=1, temperature=0.0),
-                                                    f"cascade-chunk-{uuid.uuid4().hex}"):
-                    pass
-                pages = await vllm_compat.call_engine_core_async(self.engine, "cascade_pin_prefix",
-                                                                 list(chunk.token_ids))
                 self.registry.attach_pages(chunk.chunk_id, pages)
-            except BaseException:
+            except UnknownChunk:  # evicted meanwhile (deletion waits for us): nothing may keep the pins
+                self._unpin.extend(pages)
+                raise ChunkConflict(f"chunk {chunk.chunk_id} was evicted while it was being registered "
+                                    "(newer chunks took the page budget); register it again") from None
+        except BaseException as exc:
+            error = exc
+            if not chunk.deleted:
                 self.registry.delete(chunk.chunk_id)
-                raise
-            finally:
-                await self.flush()
-        return chunk_json(chunk)
+            raise
+        finally:
+            if self._registering.get(chunk.chunk_id) is done:  # not a re-registration after an eviction
+                del self._registering[chunk.chunk_id]
+            done.set_result(error)
+            await self.flush()
+        return self.json(chunk)
 
     async def delete(self, chunk_id: str) -> None:
+        if chunk_id in self._registering:
+            raise ChunkConflict(f"chunk {chunk_id} is still being registered; delete it once its POST returned")
         self.registry.delete(chunk_id)
         await self.flush()
+
+    def compose(self, ids: list[str]) -> Composition:
+        """Hold the chunks for one request (404 if one is unknown); release with `Composition.release`."""
+        return Composition(self, self.registry.acquire(ids))
+
+    def json(self, chunk: Chunk) -> dict:
+        return {**chunk_json(chunk), "status": "registering" if chunk.chunk_id in self._registering else "ready"}
+
+    def stats(self) -> dict:
+        return {**self.registry.stats(), **self.counters, "chunk_reuse_rate": reuse_rate(self.counters)}
 
     async def flush(self) -> None:
         if self._unpin:
@@ -79,6 +140,36 @@ class ChunkService:
         if text is None:
             raise ChunkError("give a chunk's text or its token ids")
         return list(self.engine.get_tokenizer().encode(text, add_special_tokens=False))
+
+
+class Composition:
+    """One request's chunks, held from `ChunkService.compose` until `release`."""
+
+    def __init__(self, service: ChunkService, chunks: list[Chunk]) -> None:
+        self.service = service
+        self.chunks = chunks
+        self.chunk_tokens = sum(len(c.own_token_ids) for c in chunks)
+        self._observed = False
+        # Runs once: from `release`, or when the composition is dropped unreleased (a stream that
+        # was never read, e.g. its client left first); freed pages are then unpinned at the next flush.
+        self._release = weakref.finalize(self, service.registry.release, [c.chunk_id for c in chunks])
+        self._release.atexit = False
+
+    def compose(self, tail: list[int] | None) -> list[int]:
+        """The prompt: the chunks' stored tokens, then `tail` (413 if it does not fit the context)."""
+        if tail is None:
+            raise ChunkError("chunks compose with text and token prompts only, not images, audio or embeddings")
+        return composition_prompt(self.chunks, tail, self.service.max_model_len)[0]
+
+    def observe(self, output: Any) -> None:
+        """Count the request's reuse from its first output (vLLM has prefilled it by then)."""
+        if not self._observed:
+            self._observed = True
+            count_composition(self.service.counters, self.chunk_tokens, output.num_cached_tokens)
+
+    async def release(self) -> None:
+        self._release()
+        await self.service.flush()
 
 
 def _error(exc: Exception, status: int | None = None) -> JSONResponse:
@@ -115,10 +206,40 @@ def _service(request: Request) -> ChunkService:
     return request.app.state.cascade_chunks
 
 
+# -- OpenAPI: the bodies are parsed by hand (for the messages above); their schemas are declared here.
+
+_CHUNK_IDS_SCHEMA = {
+    "type": "array", "items": {"type": "string"},
+    "description": "Chunk ids (from POST /v1/chunks), in order: their stored tokens start the prompt.",
+}
+_CHUNK_SCHEMA = {
+    "type": "object", "additionalProperties": False,
+    "properties": {
+        "text": {"type": "string", "description": "The chunk's text (tokenized once); or give token_ids."},
+        "token_ids": {"type": "array", "items": {"type": "integer", "minimum": 0}},
+        "kind": {"type": "string", "default": "context", "description": "'system', 'context' or any label"},
+        "label": {"type": "string"},
+        "parent": {"type": "string", "description": "Register in the context of this chunk (a chain)."},
+    },
+}
+
+
+def _body_schema(schema: dict) -> dict:
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
+def _with_chunks_schema(vllm_request: str, prompt: str) -> dict:
+    return _body_schema({
+        "type": "object", "additionalProperties": True, "properties": {"chunks": _CHUNK_IDS_SCHEMA},
+        "description": f"vLLM's {vllm_request}; with 'chunks', the prompt is the chunks' tokens, then {prompt}.",
+    })
+
+
 router = APIRouter(tags=["chunks"])
 
 
-@router.post("/v1/chunks", summary="Register a chunk (prefilled once, its KV pages pinned)")
+@router.post("/v1/chunks", summary="Register a chunk (prefilled once, its KV pages pinned)",
+             openapi_extra=_body_schema(_CHUNK_SCHEMA))
 async def create_chunk(request: Request):
     try:
         return JSONResponse(await _service(request).register(_spec(await _json_body(request))))
@@ -126,16 +247,17 @@ async def create_chunk(request: Request):
         return _error(exc)
 
 
-@router.get("/v1/chunks", summary="List the chunks")
+@router.get("/v1/chunks", summary="List the chunks, with the registry's stats and the measured reuse")
 async def list_chunks(request: Request):
-    registry = _service(request).registry
-    return {"object": "list", "data": [chunk_json(c) for c in registry.list()], "stats": registry.stats()}
+    service = _service(request)
+    return {"object": "list", "data": [service.json(c) for c in service.registry.list()], "stats": service.stats()}
 
 
 @router.get("/v1/chunks/{chunk_id}", summary="One chunk")
 async def get_chunk(chunk_id: str, request: Request):
+    service = _service(request)
     try:
-        return chunk_json(_service(request).registry.get(chunk_id))
+        return service.json(service.registry.get(chunk_id))
     except UnknownChunk as exc:
         return _error(exc)
 
@@ -144,65 +266,73 @@ async def get_chunk(chunk_id: str, request: Request):
 async def delete_chunk(chunk_id: str, request: Request):
     try:
         await _service(request).delete(chunk_id)
-    except UnknownChunk as exc:
+    except ChunkError as exc:
         return _error(exc)
     return {"id": chunk_id, "object": "chunk.deleted", "deleted": True}
 
 
-async def completions_with_chunks(request: Request):
-    """vLLM's /v1/completions; with "chunks", the prompt is those chunks' tokens + "prompt"."""
-    create_completion, completion_request = vllm_compat.completion_endpoint()
+def _completion_prompt(body: dict, composition: Composition) -> None:
+    """/v1/completions: "prompt" is the tail; the composed token ids replace it."""
+    tail = body.get("prompt", "")
+    if isinstance(tail, str):
+        tail_ids = composition.service.tokenize(tail) if tail else []
+    elif isinstance(tail, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in tail):
+        tail_ids = list(tail)
+    else:
+        raise ChunkError("with 'chunks', 'prompt' is one text or one list of token ids (the tail)")
+    body["prompt"] = composition.compose(tail_ids)
+
+
+async def _serve(request: Request, endpoint: tuple[Any, Any], build: Callable[[dict, Composition], None] | None):
+    """Run vLLM's route `endpoint` (function, request model) on the body; with "chunks", as a
+    composition: the chunks are held until the response (or its stream) ends, `build` puts the
+    composed prompt into the body (chat: vLLM's rendering does, through the hook)."""
+    create, request_model = endpoint
     try:
         body = await _json_body(request)
-    except ChunkError as exc:
-        return _error(exc)
-    ids = body.pop("chunks", None)
-    if ids is None:
-        try:
-            parsed = completion_request(**body)
-        except ValidationError as exc:
-            return _error(exc, 400)
-        return await create_completion(request=parsed, raw_request=request)
-    service = _service(request)
-    try:
-        if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+        ids = body.pop("chunks", None)
+        if ids is not None and not (isinstance(ids, list) and all(isinstance(i, str) for i in ids)):
             raise ChunkError("'chunks' must be a list of chunk ids")
-        tail = body.get("prompt", "")
-        if isinstance(tail, str):
-            tail_ids = service.tokenize(tail) if tail else []
-        elif isinstance(tail, list) and all(isinstance(t, int) for t in tail):
-            tail_ids = list(tail)
-        else:
-            raise ChunkError("with 'chunks', 'prompt' is one text or one list of token ids (the tail)")
-        chunks = service.registry.acquire(ids)
+        composition = _service(request).compose(ids) if ids is not None else None
     except ChunkError as exc:
         return _error(exc)
-    release = True
+    token = COMPOSITION.set(composition)
+    streaming = False
     try:
-        body["prompt"], _ = composition_prompt(chunks, tail_ids, service.max_model_len)
-        parsed = completion_request(**body)
-        response = await create_completion(request=parsed, raw_request=request)
-        if isinstance(response, StreamingResponse):  # hold the chunks until the stream ends
-            response.body_iterator = _release_after(response.body_iterator, service, ids)
-            release = False
+        if composition is not None and build is not None:
+            build(body, composition)
+        response = await create(request=request_model(**body), raw_request=request)
+        if composition is not None and isinstance(response, StreamingResponse):
+            response.body_iterator = _release_after(response.body_iterator, composition)
+            streaming = True
         return response
     except ChunkError as exc:
         return _error(exc)
     except ValidationError as exc:
         return _error(exc, 400)
     finally:
-        if release:
-            service.registry.release(ids)
-            await service.flush()
+        COMPOSITION.reset(token)
+        if composition is not None and not streaming:
+            await composition.release()
 
 
-async def _release_after(stream, service: ChunkService, ids: list[str]):
+async def _release_after(stream: AsyncIterator, composition: Composition) -> AsyncIterator:
     try:
         async for part in stream:
             yield part
     finally:
-        service.registry.release(ids)
-        await service.flush()
+        await composition.release()
+
+
+async def completions_with_chunks(request: Request):
+    """vLLM's /v1/completions; with "chunks", the prompt is those chunks' tokens + "prompt"."""
+    return await _serve(request, vllm_compat.completion_endpoint(), _completion_prompt)
+
+
+async def chat_completions_with_chunks(request: Request):
+    """vLLM's /v1/chat/completions; with "chunks", the prompt is those chunks' tokens + the
+    chat-templated messages."""
+    return await _serve(request, vllm_compat.chat_endpoint(), None)
 
 
 class ChunkEndpoints:
@@ -214,10 +344,16 @@ class ChunkEndpoints:
     def attach_router(self, app: FastAPI) -> None:
         app.include_router(router)
         app.add_api_route("/v1/completions", completions_with_chunks, methods=["POST"], tags=["chunks"],
-                          summary="vLLM's completions, with an optional 'chunks' composition")
+                          summary="vLLM's completions, with an optional 'chunks' composition",
+                          openapi_extra=_with_chunks_schema("CompletionRequest", "'prompt' (the tail)"))
+        app.add_api_route("/v1/chat/completions", chat_completions_with_chunks, methods=["POST"], tags=["chunks"],
+                          summary="vLLM's chat completions, with an optional 'chunks' composition",
+                          openapi_extra=_with_chunks_schema("ChatCompletionRequest",
+                                                            "the chat-templated 'messages'"))
 
     async def init_state(self, engine_client: Any, state: Any, args: Any) -> None:
         if engine_client is not None:
             pages = await vllm_compat.call_engine_core_async(engine_client, "cascade_kv_pages")
             global ACTIVE_SERVICE
             state.cascade_chunks = ACTIVE_SERVICE = ChunkService(engine_client, pages["total"])
+            vllm_compat.hook_compositions(state, COMPOSITION)

@@ -1,0 +1,262 @@
+"""Composed chunks: time to first token, end-to-end time and KV pages, ChunkStore against stock vLLM.
+
+The composed-chunks workload of shared/ANCHORS.md: 4 chunks of 2048 tokens; 32 requests, each the
+chunks in another order (there are 4! = 24 orders, so 8 of them come twice) + its own 64-token
+tail; 64 new tokens each. Qwen3 config, `load_format="dummy"`, bf16, prefix caching on, token-id
+prompts, greedy, `ignore_eos`. Two sides, each in its own process (benchmarks/harness.py), one run:
+
+- stock (`--backends` entries other than CASCADE, e.g. FLASHINFER): vLLM with prefix caching; the
+  prompts are the same token ids; the chunks are warmed once, as prompts of their own (1 new token),
+  which is the work ChunkStore's registration does;
+- CASCADE: `ChunkStore` on an `LLM(attention_backend="cascade")`: the chunks registered (prefilled,
+  their pages pinned), the requests composed from chunk ids (`composition_prompt`).
+
+Variants (`--variants`):
+- orders: the workload above. Today ChunkStore reuses a composition's pinned pages only where it
+  starts with a registered chain, so only each request's first chunk is reused, and stock's prefix
+  cache reuses exactly as much: expect ratios near 1 until the any-order path (DESIGN.md) exists.
+- chain: the chunks registered as a chain (each in the context of the one before); every request is
+  the whole chain + its tail; stock is warmed with the same sequences. Shows the reuse path: every
+  full page of the chain comes from the cache, on both sides.
+
+Per side and variant: a warm pass with other chunks of the same shapes (compilation, kernel
+autotuning; its caches are then emptied: chunks deleted, `reset_prefix_cache`), then the measured
+pass: setup (warming or registration), then all requests at once, stepped here so that the
+engine's free KV pages are read between steps (one engine-core utility call per step, both sides).
+
+Measured: time to first token per request (vLLM's `RequestOutput.metrics.first_token_latency`,
+arrival to first token, stats logging on), end-to-end time of the batch and of each request (wall
+time when it finished), peak KV pages in use (the engine's block pool: pages referenced by running
+requests plus pinned chunk pages; cached pages nobody holds count as free), pages pinned by
+chunks, prefix-cache hits (vLLM's `num_cached_tokens`) and the share of chunk tokens reused.
+
+    python benchmarks/chunks_bench.py --model .models/qwen3-0.6b [--backends FLASHINFER,CASCADE]
+        [--variants orders,chain] [--quick] [--log-dir DIR]
+    # CPU smoke run (tiny model): VLLM_CPU_KVCACHE_SPACE=4 python benchmarks/chunks_bench.py --quick \\
+    #     --model ~/.cache/vllm_cascade/<tiny> --backends CPU_ATTN,CASCADE --dtype float32 --load-format auto
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+from harness import backend_arguments, engine_backend, run_per_backend, stats_line
+
+BACKENDS = ["FLASHINFER", "CASCADE"]
+VARIANTS = ["orders", "chain"]
+
+
+@dataclass(frozen=True)
+class Shape:
+    chunks: int
+    chunk_tokens: int
+    requests: int
+    tail_tokens: int
+    new_tokens: int
+
+    @property
+    def max_model_len(self) -> int:
+        return self.chunks * self.chunk_tokens + self.tail_tokens + self.new_tokens
+
+
+FULL = Shape(chunks=4, chunk_tokens=2048, requests=32, tail_tokens=64, new_tokens=64)  # ANCHORS.md
+QUICK = Shape(chunks=4, chunk_tokens=256, requests=8, tail_tokens=16, new_tokens=8)
+
+
+def _tokens(rng: random.Random, n: int, vocab: int) -> list[int]:
+    return [rng.randrange(100, vocab) for _ in range(n)]
+
+
+def _concat(parts: list[list[int]]) -> list[int]:
+    return list(itertools.chain.from_iterable(parts))
+
+
+def request_orders(variant: str, shape: Shape) -> list[tuple[int, ...]]:
+    """The chunk order of each request."""
+    if variant == "chain":
+        return [tuple(range(shape.chunks))] * shape.requests
+    orders = list(itertools.permutations(range(shape.chunks)))
+    random.Random("orders").shuffle(orders)
+    return [orders[i % len(orders)] for i in range(shape.requests)]
+
+
+class Side:
+    """One process's engine: stock vLLM with prefix caching, or ChunkStore on CASCADE."""
+
+    def __init__(self, args, shape: Shape) -> None:
+        from vllm import LLM
+
+        self.llm = LLM(model=args.model, load_format=args.load_format, skip_tokenizer_init=True, dtype=args.dtype,
+                       **engine_backend(args.backend), max_model_len=shape.max_model_len,
+                       enable_prefix_caching=True, gpu_memory_utilization=0.85, disable_log_stats=False, seed=0)
+        self.vocab = self.llm.llm_engine.model_config.get_vocab_size()
+        self.page_size = self.llm.llm_engine.vllm_config.cache_config.block_size
+        self.idle_used = self._used()  # vLLM's null page
+        self.store = None
+        if args.backend.startswith("CASCADE"):
+            from vllm_cascade.chunks.store import ChunkStore
+
+            self.store = ChunkStore(self.llm)
+
+    def _used(self) -> int:
+        from vllm_cascade import vllm_compat
+
+        pages = vllm_compat.call_engine_core(self.llm, "cascade_kv_pages")
+        return pages["total"] - pages["free"]
+
+    def setup(self, variant: str, chunks: list[list[int]]) -> list[str]:
+        """Warm stock's prefix cache or register the chunks; -> chunk ids (stock: none)."""
+        from vllm import SamplingParams
+
+        if self.store is None:
+            seqs = [_concat(chunks[: i + 1]) for i in range(len(chunks))] if variant == "chain" else chunks
+            self.llm.generate([{"prompt_token_ids": s} for s in seqs], SamplingParams(max_tokens=1), use_tqdm=False)
+            return []
+        if variant == "chain":
+            ids: list[str] = []
+            for tokens in chunks:  # each in the context of the one before
+                ids.append(self.store.register_chunk(token_ids=tokens, parent=ids[-1] if ids else None).chunk_id)
+            return ids
+        from vllm_cascade.chunks.store import ChunkSpec
+
+        return [c.chunk_id for c in self.store.register_chunks([ChunkSpec(token_ids=t) for t in chunks],
+                                                                use_tqdm=False)]
+
+    def prompts(self, chunks: list[list[int]], ids: list[str], orders, tails) -> list[list[int]]:
+        plain = [_concat([chunks[j] for j in order]) + tail for order, tail in zip(orders, tails)]
+        if self.store is None:
+            return plain
+        from vllm_cascade.chunks.store import composition_prompt
+
+        composed = [composition_prompt([self.store.get_chunk(ids[j]) for j in order], tail,
+                                       self.store.max_model_len)[0] for order, tail in zip(orders, tails)]
+        assert composed == plain, "a composition's tokens differ from the written-out prompt"
+        return composed
+
+    def run(self, prompts: list[list[int]], new_tokens: int) -> tuple[list, list[float], float, int]:
+        """All prompts at once -> (outputs in order, seconds until each finished, batch seconds, peak pages used)."""
+        from vllm import SamplingParams
+
+        engine = self.llm.llm_engine
+        params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+        peak = self._used()
+        t0 = time.perf_counter()
+        self.llm.enqueue([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        outputs, finished = [], {}
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.finished:
+                    outputs.append(out)
+                    finished[out.request_id] = time.perf_counter() - t0
+            peak = max(peak, self._used())
+        batch = time.perf_counter() - t0
+        outputs.sort(key=lambda o: int(o.request_id))
+        return outputs, [finished[o.request_id] for o in outputs], batch, peak - self.idle_used
+
+    def pinned_pages(self) -> int:
+        """Physical pages the chunks pin (a chain's chunks pin their parents' pages too: counted once)."""
+        return len({p for c in self.store.list_chunks() for p in c.pages}) if self.store else 0
+
+    def clear(self) -> bool:
+        """Delete the chunks and empty the prefix cache (False if vLLM could not)."""
+        if self.store is not None:
+            for chunk in self.store.list_chunks():
+                self.store.delete_chunk(chunk.chunk_id)
+        return self.llm.reset_prefix_cache()
+
+
+def run_backend(args) -> None:
+    from vllm_cascade.chunks.store import count_composition
+
+    shape = QUICK if args.quick else FULL
+    side = Side(args, shape)
+    results = {"shape": asdict(shape), "page_size": side.page_size}
+    for variant in args.variants.split(","):
+        orders = request_orders(variant, shape)
+        for phase in ("warm", "timed"):
+            chunks = [_tokens(random.Random(f"chunk-{phase}-{i}"), shape.chunk_tokens, side.vocab)
+                      for i in range(shape.chunks)]
+            tails = [_tokens(random.Random(f"tail-{variant}-{phase}-{i}"), shape.tail_tokens, side.vocab)
+                     for i in range(shape.requests)]
+            t0 = time.perf_counter()
+            ids = side.setup(variant, chunks)
+            setup_s = time.perf_counter() - t0
+            prompts = side.prompts(chunks, ids, orders, tails)
+            pinned = side.pinned_pages()
+            outs, finished, batch_s, peak = side.run(prompts, shape.new_tokens)
+            cleared = side.clear()
+        if any(o.metrics is None for o in outs):
+            raise RuntimeError("vLLM returned no request metrics (stats logging off?)")
+        counters = {"compositions": 0, "chunk_tokens": 0, "reused_tokens": 0}
+        for out in outs:
+            count_composition(counters, shape.chunks * shape.chunk_tokens, out.num_cached_tokens)
+        results[variant] = {
+            "distinct_orders": len(set(orders)), "setup_s": setup_s, "batch_s": batch_s,
+            "ttft_s": [o.metrics.first_token_latency for o in outs], "finished_s": finished,
+            "peak_pages": peak, "pinned_pages": pinned, "cache_reset": cleared,
+            "prompt_tokens": sum(len(p) for p in prompts),
+            "cached_tokens": sum(o.num_cached_tokens or 0 for o in outs),
+            "output_tokens": sum(len(o.outputs[0].token_ids) for o in outs), **counters,
+        }
+        r = results[variant]
+        print(variant, {k: v for k, v in r.items() if not isinstance(v, list)},
+              f"TTFT mean {statistics.mean(r['ttft_s']) * 1e3:.1f} ms", flush=True)
+    with open(args.out, "w") as f:
+        json.dump(results, f)
+
+
+def _row(variant: str, side: str, r: dict, page_size: int) -> str:
+    ttft = sorted(r["ttft_s"])
+    p90 = ttft[min(len(ttft) - 1, int(0.9 * len(ttft)))]
+    return (f"{variant:<7} {side:<12} {r['setup_s']:>8.2f} {statistics.mean(ttft) * 1e3:>9.1f} "
+            f"{statistics.median(ttft) * 1e3:>8.1f} {p90 * 1e3:>8.1f} {r['batch_s']:>8.2f} "
+            f"{statistics.mean(r['finished_s']):>8.2f} {r['peak_pages']:>7} x{page_size:<4} {r['pinned_pages']:>7} "
+            f"{r['cached_tokens'] / r['prompt_tokens']:>8.1%} {r['reused_tokens'] / r['chunk_tokens']:>8.1%}")
+
+
+def main() -> None:
+    ap = backend_arguments(__doc__.splitlines()[0], BACKENDS)
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--quick", action="store_true",
+                    help=f"small shapes: {QUICK.chunks} chunks of {QUICK.chunk_tokens} tokens, {QUICK.requests} "
+                         f"requests, {QUICK.tail_tokens}-token tails, {QUICK.new_tokens} new tokens")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--load-format", default="dummy")
+    args = ap.parse_args()
+    if args.backend:
+        return run_backend(args)
+    child = ["--model", args.model, "--variants", args.variants, "--dtype", args.dtype,
+             "--load-format", args.load_format] + (["--quick"] if args.quick else [])
+    table, stats = run_per_backend(__file__, child, args.backends.split(","), "chunks", args.log_dir)
+    for name, counters in stats.items():
+        print(f"{name} worker stats: {stats_line(counters)}")
+    shape = Shape(**next(iter(table.values()))["shape"]) if table else (QUICK if args.quick else FULL)
+    print(f"\n{shape.chunks} chunks x {shape.chunk_tokens} tokens, {shape.requests} requests "
+          f"(+{shape.tail_tokens}-token tails, {shape.new_tokens} new tokens each)")
+    print(f"{'variant':<7} {'side':<12} {'setup s':>8} {'TTFT ms':>9} {'p50':>8} {'p90':>8} {'batch s':>8} "
+          f"{'req e2e':>8} {'peak pages':>13} {'pinned':>7} {'cached':>8} {'chunk re':>8}")
+    for variant in args.variants.split(","):
+        sides = {b: r[variant] for b, r in table.items() if variant in r}
+        for b, r in sides.items():
+            print(_row(variant, b, r, table[b]["page_size"]))
+        cascade = next((b for b in sides if b.startswith("CASCADE")), None)
+        for stock in (b for b in sides if not b.startswith("CASCADE")):
+            if cascade is None:
+                continue
+            s, c = sides[stock], sides[cascade]
+            kv = (s["peak_pages"] * table[stock]["page_size"]) / max(c["peak_pages"] * table[cascade]["page_size"], 1)
+            print(f"{'':<7} {stock}/{cascade}: TTFT mean {statistics.mean(s['ttft_s']) / statistics.mean(c['ttft_s']):.2f}x"
+                  f", p50 {statistics.median(s['ttft_s']) / statistics.median(c['ttft_s']):.2f}x"
+                  f", batch e2e {s['batch_s'] / c['batch_s']:.2f}x, peak KV (tokens) {kv:.2f}x"
+                  f"  (>1: {cascade} better; {sides[cascade]['distinct_orders']} distinct chunk orders)")
+        if any(not r["cache_reset"] for r in sides.values()):
+            print("  warning: vLLM could not empty its prefix cache after a pass; the next variant may hit it")
+
+
+if __name__ == "__main__":
+    main()
