@@ -66,6 +66,7 @@ def stats_line(stats: dict) -> str:
     return (f"steps {stats.get('steps')} (cascade {stats.get('cascade_steps')}), levels {stats.get('levels')}, "
             f"paths {stats.get('paths')}, block tables {stats.get('block_table_reads')}, "
             f"KV read {stats.get('kv_bytes_read', 0) / flat:.3f} of flat, "
+            f"decode plans reused {stats.get('plans_reused')}, work lists advanced {stats.get('worklists_advanced')}, "
             f"host build {stats.get('build_ns', 0) / 1e3 / max(stats.get('steps') or 1, 1):.0f} us/step ("
             + ", ".join(f"{kind} {ns / 1e3 / max(stats.get('steps_by_kind', {}).get(kind, 1), 1):.0f}"
                         for kind, ns in sorted(stats.get("build_ns_by_kind", {}).items())) + ")")

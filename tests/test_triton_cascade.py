@@ -176,3 +176,49 @@ def test_fixed_capacity(triton_cascade):
         pointers.add((kernel.worklist["q_off"].data_ptr(), kernel.partials[0].data_ptr()))
     assert len(pointers) == 1
     assert stretched  # some step did not fit one page per item
+
+
+def _planned(tc) -> dict[str, list[int]]:
+    """The work list a TritonCascade uploads (its buffer's used part, field by field)."""
+    image, layout = tc._dev.numpy(), tc._layout
+    field = {name: image[offset : offset + size] for name, (offset, size) in layout.items()}
+    items, tokens = int(field["item_range"][2]), int(field["num_tokens"][0])
+    used = {"items": items, "tokens": tokens, "rows": int(field["contrib_off"][tokens])}
+    sizes = {"q_tokens": int(field["q_off"][items - 1] + field["q_len"][items - 1]) if items else 0,
+             "contrib_off": tokens + 1, "item_range": 3, "num_tokens": 1}
+    from vllm_cascade.ops.triton_cascade import _REGIONS
+
+    return {name: field[name][: sizes.get(name, used.get(_REGIONS[name][0], 0))].tolist() for name in layout}
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_decode_steps_advance_the_last_work_list(seed):
+    """Decode steps of unchanged requests: the advanced work list equals one built afresh."""
+    from vllm_cascade.attention.plan import DecodePlanReuse
+    from vllm_cascade.ops.triton_cascade import TritonCascade
+
+    rng = np.random.default_rng(seed)
+    page = int(rng.choice([4, 8]))
+    table, seq_lens, _, next_page = random_batch(rng, page, max_rows=12)
+    table = np.concatenate([table, np.zeros((len(table), 16), table.dtype)], axis=1)
+    settings = dict(max_levels=int(rng.integers(1, 4)), min_saved_pages=1, min_saved_fraction=0.0)
+    make = lambda: TritonCascade(4, 2, page, 0.1, device="cpu", head_dim=16, wide_m=16,  # noqa: E731
+                                 pages_per_item=int(seed % 3) + 1, capacity={"tokens": 32, "rows": 512, "items": 512})
+    tc, reuse, advanced = make(), DecodePlanReuse(), 0
+    for _ in range(4 * page):
+        ones, qsl = np.ones(len(seq_lens), np.int64), np.arange(len(seq_lens) + 1)
+        plan = reuse.get("same requests", seq_lens, page, 0.0)
+        if plan is None:
+            plan = plan_cascade(table, seq_lens, ones, page, **settings)
+            reuse.put("same requests", plan, seq_lens)
+        advanced += tc.plan(plan, torch.from_numpy(table), seq_lens, qsl)
+        fresh = make()
+        assert not fresh.plan(plan_cascade(table, seq_lens, ones, page, **settings), torch.from_numpy(table),
+                              seq_lens, qsl)
+        assert _planned(tc) == _planned(fresh)
+        for r in range(len(seq_lens)):  # one decode step: a full last page gets a fresh one
+            if seq_lens[r] % page == 0:
+                table[r, seq_lens[r] // page] = next_page
+                next_page += 1
+        seq_lens = seq_lens + 1
+    assert advanced > 0

@@ -158,8 +158,8 @@ class CascadeMetadataBuilder(AttentionMetadataBuilder[CascadeMetadata]):
         decode = self.decode_kernel
         if decode is not None and is_decode and query_start_loc[-1] <= decode.capacity["tokens"]:
             kernel = decode  # also the buffers a captured decode graph reads
-        if kernel is not None:
-            kernel.plan(plan, block_table, seq_lens, query_start_loc)
+        if kernel is not None and kernel.plan(plan, block_table, seq_lens, query_start_loc):
+            STATS.worklists_advanced += 1
         STATS.record_build("decode" if is_decode else "prefill", time.perf_counter_ns() - start_ns)
         return CascadeMetadata(
             num_actual_tokens=cm.num_actual_tokens,

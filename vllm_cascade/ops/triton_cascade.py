@@ -203,10 +203,29 @@ class TritonCascade:
         self.worklist: dict[str, torch.Tensor] = {}
         self.block_table: torch.Tensor | None = None
         self.last_pages_per_item = pages_per_item
+        self._image = np.zeros(0, dtype=np.int32)  # the buffer's contents as last planned, on the host
+        self._decode: tuple | None = None  # what the last decode step was planned from, to advance it
         if capacity is not None:
             self._allocate(capacity)
 
-    def plan(self, plan, block_table: torch.Tensor, seq_lens: np.ndarray, query_start_loc: np.ndarray) -> None:
+    def plan(self, plan, block_table: torch.Tensor, seq_lens: np.ndarray, query_start_loc: np.ndarray) -> bool:
+        """Fill and upload this step's work list. -> True if it advanced the last decode step's work
+        list instead of building one (same requests, same levels, each one token further)."""
+        advanced = self._advance(plan, seq_lens, query_start_loc)
+        if not advanced:
+            self._build(plan, seq_lens, query_start_loc)
+        host = self._next_host()
+        np.copyto(host.numpy(), self._image)  # numpy: a fraction of torch's per-call cost
+        if self.device.type == "cpu":
+            self._dev.copy_(host)
+        else:
+            self._dev.copy_(host, non_blocking=True)
+            self._copied[self._turn] = torch.cuda.Event()
+            self._copied[self._turn].record()
+        self.block_table = block_table
+        return advanced
+
+    def _build(self, plan, seq_lens: np.ndarray, query_start_loc: np.ndarray) -> None:
         from vllm_cascade.attention.worklist import build_worklist
 
         pages_per_item = self.pages_per_item
@@ -225,20 +244,43 @@ class TritonCascade:
                 raise RuntimeError(f"Cascade step needs {need}, over the fixed capacity {self.capacity}")
             pages_per_item *= 2
         self.last_pages_per_item = pages_per_item
-        host = self._next_host()
-        view = host.numpy()  # numpy slice assignment: a fraction of torch's per-call cost
         arrays = {name: getattr(wl, name) for name in WorkList.__dataclass_fields__ if name != "num_wide"}
         arrays.update(item_range=[0, wl.num_wide, wl.num_items], num_tokens=[len(wl.q_pos)])
         for name, (offset, _) in self._layout.items():
             array = arrays[name]
-            view[offset : offset + len(array)] = array
-        if self.device.type == "cpu":
-            self._dev.copy_(host)
-        else:
-            self._dev.copy_(host, non_blocking=True)
-            self._copied[self._turn] = torch.cuda.Event()
-            self._copied[self._turn].record()
-        self.block_table = block_table
+            self._image[offset : offset + len(array)] = array
+        self._decode = None
+        rows = len(seq_lens)
+        if int(query_start_loc[-1]) == rows and (np.diff(query_start_loc) == 1).all():  # a decode step
+            # Own items (causal) come last, each row's in row order; a row's last one holds its newest key.
+            own = np.flatnonzero(wl.causal == 1)
+            own_row = wl.bt_row[own]
+            last_item = own[np.r_[own_row[1:] != own_row[:-1], True]] if len(own) else own
+            if len(last_item) == rows and (wl.bt_row[last_item] == np.arange(rows)).all():
+                self._decode = (plan.shared, plan.own_first_page, seq_lens, last_item, pages_per_item)
+
+    def _advance(self, plan, seq_lens: np.ndarray, query_start_loc: np.ndarray) -> bool:
+        """The last decode step's work list, each row one token further, if nothing else changed:
+        the same levels (a reused plan) or none, the same rows each with one more key, and no row's
+        newest item full (else the row needs a new item: build)."""
+        if self._decode is None:
+            return False
+        shared, own_first_page, last_seq, last_item, pages_per_item = self._decode
+        same_levels = (plan.shared is shared and plan.own_first_page is own_first_page) or (
+            plan.is_flat and not shared)
+        if not same_levels or len(seq_lens) != len(last_seq) or int(query_start_loc[-1]) != len(seq_lens):
+            return False
+        if not (seq_lens == last_seq + 1).all():
+            return False
+        kv_at = self._layout["kv_len"][0] + last_item
+        kv_len = self._image[kv_at]
+        if (kv_len >= pages_per_item * self.page_size).any():
+            return False
+        self._image[kv_at] = kv_len + 1
+        q_pos_at = self._layout["q_pos"][0]
+        self._image[q_pos_at : q_pos_at + len(seq_lens)] += 1
+        self._decode = (shared, own_first_page, seq_lens, last_item, pages_per_item)
+        return True
 
     def run(self, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor) -> None:
         cascade_attention_triton(query, k_cache, v_cache, self.block_table, self.worklist, self.scale, out,
@@ -254,6 +296,8 @@ class TritonCascade:
             offset += size
         pinned = self.device.type == "cuda"
         self._host = [torch.zeros(offset, dtype=torch.int32, pin_memory=pinned) for _ in range(2)]
+        self._image = np.zeros(offset, dtype=np.int32)
+        self._decode = None
         self._copied = [None, None]
         self._dev = torch.zeros(offset, dtype=torch.int32, device=self.device)
         self.worklist = {name: self._dev[o : o + n] for name, (o, n) in self._layout.items()}
