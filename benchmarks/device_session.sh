@@ -23,7 +23,7 @@ run_step() {
     gpu-check) python3 benchmarks/gpu_check.py --model $M --backends FLASH_ATTN,CASCADE --log-dir "$RUN" ;;
     gpu-tests) python3 -m pytest -q tests/test_triton_cascade.py tests/test_gpu_attention.py tests/test_fused_qwen3.py ;;
     kernel-bench) python3 benchmarks/kernel_bench.py ;;
-    model-bench) python3 benchmarks/model_bench.py --model $M --log-dir "$RUN" ;;
+    model-bench) python3 benchmarks/model_bench.py --model $M --variants stock,fused --profile --log-dir "$RUN" ;;
     chunks-bench) python3 benchmarks/chunks_bench.py --model $M --log-dir "$RUN" ;;
     *) echo "unknown step $1"; return 2 ;;
     esac
@@ -55,7 +55,7 @@ poll)
     done
     # What comes back: the step logs, the profiles, then the tails of the per-backend engine logs.
     if [ -n "${OUT:-}" ]; then
-        for f in "$RUN"/progress "$RUN"/*.log "$RUN"/profile-*-cpu.txt; do
+        for f in "$RUN"/progress "$RUN"/*.log "$RUN"/profile-*.txt; do
             case "$(basename "$f")" in tput-*|check-*|profile-*.log|model-*|chunks-*) continue ;; esac
             [ -f "$f" ] && cp "$f" "$OUT/"
         done

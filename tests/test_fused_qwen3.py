@@ -292,6 +292,10 @@ def generate(engine, prompts: list[list[int]], max_tokens: int) -> list[tuple[li
     return result
 
 
+CPU_ENGINE = pytest.mark.skipif(ON_GPU, reason="fp32 tiny-model engines are the CPU's; the GPU test below is the GPU's")
+
+
+@CPU_ENGINE
 def test_greedy_tokens_equal_stock_qwen3(fused_engine, cascade_engine):
     assert fused_engine.generate_ids(PROMPTS) == cascade_engine.generate_ids(PROMPTS)
     fused = [s for s in fused_engine.stats() if s["model_steps"].get(ARCHITECTURE, 0) > 0]
@@ -299,6 +303,7 @@ def test_greedy_tokens_equal_stock_qwen3(fused_engine, cascade_engine):
     assert not any(s["model_steps"] for s in cascade_engine.stats())  # the reference is vLLM's own class
 
 
+@CPU_ENGINE
 def test_folded_norms_and_untied_head_equal_hugging_face(tiny_model, session_tmp, engines):
     """Norm weights that are not ones, a separate lm_head: vLLM with the fused class against
     transformers' Qwen3 on the same checkpoint, fp32 (tokens equal, logprobs within 1e-3)."""
