@@ -12,7 +12,7 @@ from conftest import assert_plugin_ran
 from test_e2e_llm import window
 
 from vllm_cascade.chunks.layout import CompositionTooLong
-from vllm_cascade.chunks.registry import RegistryFull, UnknownChunk
+from vllm_cascade.chunks.registry import ChunkInUse, RegistryFull, UnknownChunk
 from vllm_cascade.chunks.store import ChunkSpec, ChunkStore
 
 PAGE = 16  # the cascade engine's block size
@@ -114,3 +114,30 @@ def test_lru_eviction_unpins_the_oldest_idle_chunk(cascade_engine, tiny_model):
     for chunk in (b, c):
         small.delete_chunk(chunk.chunk_id)
     assert small.kv_pages()["free"] == before and a.pages == []
+
+
+def test_a_chain_pins_its_real_pages_once_and_deletes_leaf_first(cascade_engine, reference_engine, tiny_model):
+    small = ChunkStore(cascade_engine.llm, page_budget=8)
+    before = small.kv_pages()["free"]
+    parts = [window(tiny_model, 100 + 300 * i, 32) for i in range(4)]  # 2 pages each
+    chain, parent = [], None
+    for part in parts:
+        chain.append(small.register_chunk(token_ids=part, parent=parent))
+        parent = chain[-1].chunk_id
+    # 8 pages are real (the engine's free count says so), and 8 are counted, not 2 + 4 + 6 + 8.
+    assert [c.num_pages for c in chain] == [2, 2, 2, 2] and small.stats()["pages_pinned"] == 8
+    assert small.kv_pages()["free"] == before - 8
+    tail = window(tiny_model, 1500, 7)
+    outs = small.generate([{"chunks": [c.chunk_id for c in chain], "tail": tail}], greedy())
+    assert outs[0].num_cached_tokens == 128  # the whole chain came from its pinned pages
+    assert [list(outs[0].outputs[0].token_ids)] == reference_engine.generate_ids([sum(parts, []) + tail], 16)
+    # Budget full: a new chunk evicts the least recently used leaf (the chain's end), not its root.
+    other = small.register_chunk(token_ids=window(tiny_model, 1200, 32))
+    assert [c.chunk_id for c in small.list_chunks()] == [c.chunk_id for c in chain[:3]] + [other.chunk_id]
+    assert chain[3].pages == [] and small.kv_pages()["free"] == before - 8
+    with pytest.raises(ChunkInUse) as err:
+        small.delete_chunk(chain[0].chunk_id)
+    assert err.value.status == 409 and small.kv_pages()["free"] == before - 8  # refused, nothing changed
+    small.delete_chunk(chain[0].chunk_id, cascade=True)
+    small.delete_chunk(other.chunk_id)
+    assert small.list_chunks() == [] and small.kv_pages()["free"] == before

@@ -6,7 +6,7 @@ import threading
 import pytest
 
 from vllm_cascade.chunks.layout import CompositionTooLong, compose_layout
-from vllm_cascade.chunks.registry import ChunkRegistry, RegistryFull, UnknownChunk, chunk_id_for
+from vllm_cascade.chunks.registry import ChunkInUse, ChunkRegistry, RegistryFull, UnknownChunk, chunk_id_for
 
 
 def make(budget=10, max_chunks=1000, evict=True):
@@ -135,6 +135,76 @@ def test_thread_safety_keeps_pages_accounted():
     assert reg.pages_pinned <= reg.page_budget
     live = [p for c in reg.list() for p in c.pages]
     assert len(set(freed)) == len(freed) and not set(freed) & set(live)  # each page freed once, none still in use
+
+
+def chain(reg, lengths, first_page=0):
+    """Register a chain of chunks of these own lengths; attach pages as the pin would return them
+    (the whole sequence's full pages, the chain's included) -> the chunks."""
+    chunks, tokens, parent = [], [], None
+    for i, n in enumerate(lengths):
+        context = len(tokens)
+        tokens = tokens + [100 * (i + 1) + j for j in range(n)]
+        chunk, _ = reg.register(tokens, parent=parent, context_len=context)
+        reg.attach_pages(chunk.chunk_id, list(range(first_page, first_page + len(tokens) // 4)))
+        chunks.append(chunk)
+        parent = chunk.chunk_id
+    return chunks
+
+
+def test_a_chain_pins_and_counts_only_its_own_pages():
+    reg, freed = make(budget=100)
+    a, b, c, d = chain(reg, [8, 8, 8, 8])  # 2 own pages each: 8 real pages, not 2 + 4 + 6 + 8
+    assert [x.num_pages for x in (a, b, c, d)] == [2, 2, 2, 2] and reg.pages_pinned == 8
+    assert [x.pages for x in (a, b, c, d)] == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    # The pin took one reference on the chain's pages too; those came back at once.
+    assert sorted(freed) == sorted([0, 1] + [0, 1, 2, 3] + [0, 1, 2, 3, 4, 5])
+    # Own tokens that share the parent's last partial page: that page is the child's.
+    reg2, _ = make(budget=100)
+    p, q = chain(reg2, [6, 6])  # 6 tokens: 1 full page; 12 tokens: 3 full pages
+    assert (p.num_pages, q.num_pages, q.context_pages, q.pages) == (1, 2, 1, [1, 2])
+
+
+def test_a_parent_with_children_is_not_deleted_unless_cascade():
+    reg, freed = make(budget=100)
+    a, b, c = chain(reg, [8, 8, 8])
+    freed.clear()
+    with pytest.raises(ChunkInUse) as err:
+        reg.delete(a.chunk_id)
+    assert err.value.status == 409 and b.chunk_id in str(err.value) and "cascade" in str(err.value)
+    assert reg.get(a.chunk_id) is a and freed == []  # nothing changed
+    reg.delete(c.chunk_id)  # a leaf goes as usual
+    assert freed == [4, 5] and reg.children(b.chunk_id) == []
+    reg.delete(a.chunk_id, cascade=True)  # b, then a
+    assert sorted(freed) == [0, 1, 2, 3, 4, 5] and reg.list() == [] and reg.pages_pinned == 0
+    assert reg.stats()["deletions"] == 3
+
+
+def test_eviction_takes_leaves_only_and_never_the_parent_being_registered_on():
+    reg, freed = make(budget=8)
+    a, b = chain(reg, [8, 8])  # a (2 pages) is older, but b is registered on it
+    x, _ = reg.register([7] * 16)  # 4 pages: budget full
+    reg.attach_pages(x.chunk_id, [10, 11, 12, 13])
+    freed.clear()
+    reg.register([9] * 8)  # needs 2 pages: b is the least recently used leaf (a has a child)
+    assert freed == [2, 3] and reg.get(a.chunk_id) is a and reg.children(a.chunk_id) == []
+    freed.clear()
+    reg.register([5] * 8)  # now a is a leaf and the least recently used
+    assert freed == [0, 1] and a.chunk_id not in {c.chunk_id for c in reg.list()}
+    # A parent that is least recently used is kept when a child is registered on it.
+    reg3, freed3 = make(budget=4)
+    p, _ = reg3.register([1] * 8)
+    reg3.attach_pages(p.chunk_id, [0, 1])
+    with pytest.raises(RegistryFull, match="parent being registered on"):
+        reg3.register([1] * 8 + [2] * 12, parent=p.chunk_id, context_len=8)  # 3 own pages > 2 free
+    assert reg3.get(p.chunk_id) is p and freed3 == [] and reg3.list() == [p]
+
+
+def test_eviction_of_a_whole_chain_goes_leaf_first():
+    reg, freed = make(budget=6)
+    a, b, c = chain(reg, [8, 8, 8])  # 6 pages: full
+    freed.clear()
+    reg.register([3] * 24)  # 6 pages: the whole chain must go, children before parents
+    assert freed == [4, 5, 2, 3, 0, 1] and reg.stats()["evictions"] == 3
 
 
 def test_layout_aligns_chunks_and_counts_true_positions():

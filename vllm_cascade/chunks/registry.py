@@ -14,7 +14,13 @@ Rules:
   and nothing changes;
 - a request holds its chunks from `acquire` to `release`; deleting a held chunk
   hides it at once (unknown to new requests) and frees its pages when the last
-  holder releases it.
+  holder releases it;
+- a chain (a chunk registered with `parent=`) pins and counts only its own
+  pages, those past its parent chain's full pages: the chain's pages are the
+  parent's, pinned once, by the parent. So a parent lives as long as it has
+  children: deleting it raises `ChunkInUse` (409, as `docker rmi` refuses an
+  image with dependent child images) unless `cascade=True` deletes its
+  descendants too, and eviction picks only leaves (chunks without children).
 
 Example:
     >>> freed = []
@@ -56,6 +62,12 @@ class RegistryFull(ChunkError):
     status = 413
 
 
+class ChunkInUse(ChunkError):
+    """Deleting a chunk that other chunks were registered on (their KV needs its pages)."""
+
+    status = 409
+
+
 @dataclass
 class Chunk:
     chunk_id: str  # sha256 hex of (model fingerprint, token ids)
@@ -66,6 +78,7 @@ class Chunk:
     created: float = field(default_factory=time.time)
     parent: str | None = None  # the chunk whose context it was registered in (a chain)
     context_len: int = 0  # leading tokens of token_ids that are the parent chain's, not its own
+    context_pages: int = 0  # full pages of those: pinned by the parent chain, not by this chunk
     pages: list[int] = field(default_factory=list)  # physical KV pages, once prefilled
     holders: int = 0  # running requests that use it
     deleted: bool = False  # hidden; pages freed when holders reaches 0
@@ -104,6 +117,7 @@ class ChunkRegistry:
         self._on_free = on_free
         self._chunks: OrderedDict[str, Chunk] = OrderedDict()  # visible chunks, least recently used first
         self._dying: dict[str, Chunk] = {}  # deleted or evicted while held
+        self._children: dict[str, set[str]] = {}  # visible chunk -> its visible children
         self._lock = threading.RLock()
         self.counters = {"registrations": 0, "hits": 0, "lookups": 0, "evictions": 0, "deletions": 0}
 
@@ -118,6 +132,11 @@ class ChunkRegistry:
     def list(self) -> list[Chunk]:
         with self._lock:
             return list(self._chunks.values())
+
+    def children(self, chunk_id: str) -> list[str]:
+        """Visible chunks registered with `parent=chunk_id`."""
+        with self._lock:
+            return sorted(self._children.get(chunk_id, ()))
 
     @property
     def pages_pinned(self) -> int:
@@ -141,35 +160,52 @@ class ChunkRegistry:
         """-> (chunk, created). An existing chunk of the same content is returned, not re-made.
 
         `token_ids` is all the chunk's KV depends on: for a chain, the parent's tokens first
-        (`context_len` of them). Its pages are the full pages of that sequence (a last partial
-        page is not kept: it is computed again with each request)."""
+        (`context_len` of them). Its pages are the full pages of that sequence past the parent's
+        (a last partial page is not kept: it is computed again with each request)."""
         if not token_ids:
             raise ChunkError("a chunk needs at least one token")
         chunk_id = chunk_id_for(self.model_fingerprint, token_ids)
         with self._lock:
+            if parent is not None:
+                parent_chunk = self.get(parent)  # 404 if it went meanwhile
+                if context_len != parent_chunk.num_tokens:
+                    raise ChunkError(f"context_len {context_len} is not the parent's {parent_chunk.num_tokens} tokens")
+                self._chunks.move_to_end(parent)  # used now: the least likely to be evicted
             self.counters["lookups"] += 1
             if chunk_id in self._dying:  # deleted while held: its pages are still there, take it back
+                was_parent = self._dying[chunk_id].parent
+                if was_parent is not None and was_parent not in self._chunks:
+                    raise UnknownChunk(f"chunk {chunk_id} was registered on {was_parent!r}, which is deleted; "
+                                       "register the parent again first")
                 self._chunks[chunk_id] = self._dying.pop(chunk_id)
                 self._chunks[chunk_id].deleted = False
+                self._link(self._chunks[chunk_id])
             if chunk_id in self._chunks:
                 self.counters["hits"] += 1
                 self._chunks.move_to_end(chunk_id)
                 return self._chunks[chunk_id], False
-            num_pages = len(token_ids) // self.page_size
-            self._make_room(num_pages)
+            context_pages = context_len // self.page_size
+            num_pages = len(token_ids) // self.page_size - context_pages
+            self._make_room(num_pages, keep=parent)
             chunk = Chunk(chunk_id, tuple(int(t) for t in token_ids), num_pages, kind, label, parent=parent,
-                          context_len=context_len)
+                          context_len=context_len, context_pages=context_pages)
             self._chunks[chunk_id] = chunk
+            self._link(chunk)
             self.counters["registrations"] += 1
             return chunk, True
 
     def attach_pages(self, chunk_id: str, pages: Sequence[int]) -> None:
-        """The KV pages the chunk was prefilled into (pinned until freed); at most num_pages."""
+        """The pinned KV pages of the chunk's whole token sequence (what `cascade_pin_prefix`
+        returns): the chunk keeps those past its parent chain's pages, at most num_pages; the
+        chain's pages got one reference too many from that pin, handed to `on_free` now."""
         with self._lock:
             chunk = self.get(chunk_id)
-            if len(pages) > chunk.num_pages:
-                raise ChunkError(f"chunk {chunk_id} has {chunk.num_pages} pages, got {len(pages)}")
-            chunk.pages = list(pages)
+            context, own = list(pages[: chunk.context_pages]), list(pages[chunk.context_pages :])
+            if len(own) > chunk.num_pages:
+                raise ChunkError(f"chunk {chunk_id} has {chunk.num_pages} pages, got {len(own)}")
+            chunk.pages = own
+            if context:
+                self._on_free(context)
 
     def acquire(self, chunk_ids: Sequence[str]) -> list[Chunk]:
         """A request starts using these chunks (all or none)."""
@@ -190,15 +226,25 @@ class ChunkRegistry:
                 if chunk.deleted and chunk.holders == 0:
                     self._free(self._dying.pop(chunk_id))
 
-    def delete(self, chunk_id: str) -> Chunk:
+    def delete(self, chunk_id: str, cascade: bool = False) -> Chunk:
+        """Hide the chunk (pages freed once no request holds it). A chunk with children is refused
+        (`ChunkInUse`), unless `cascade`: then its descendants go too, leaves first."""
         with self._lock:
             chunk = self.get(chunk_id)
-            self._remove(chunk)
-            self.counters["deletions"] += 1
+            doomed = self._descendants(chunk_id)
+            if doomed and not cascade:
+                raise ChunkInUse(f"chunk {chunk_id} has {len(self._children[chunk_id])} child chunk(s) registered "
+                                 f"on it ({', '.join(self.children(chunk_id))}); delete them first, or delete "
+                                 "with cascade")
+            for victim in [*reversed(doomed), chunk]:
+                self._remove(victim)
+                self.counters["deletions"] += 1
             return chunk
 
     # -- internals -------------------------------------------------------------
-    def _make_room(self, num_pages: int) -> None:
+    def _make_room(self, num_pages: int, keep: str | None = None) -> None:
+        """Evict idle leaf chunks (LRU first; never `keep`, the parent being registered on) until
+        `num_pages` more fit, or raise RegistryFull having changed nothing."""
         if num_pages > self.page_budget:
             raise RegistryFull(f"a chunk of {num_pages} pages exceeds the chunk page budget ({self.page_budget})")
 
@@ -207,17 +253,26 @@ class ChunkRegistry:
 
         if fits():
             return
-        idle = [c for c in self._chunks.values() if c.holders == 0]  # least recently used first
+        idle = [c for c in self._chunks.values() if c.holders == 0 and c.chunk_id != keep]  # LRU first
         if self.evict_lru:
-            # Evict only if enough idle chunks exist: a failed registration changes nothing.
+            # Choose every victim before evicting any: a failed registration changes nothing. Only
+            # leaves go; a parent becomes a leaf once its last child is chosen, and is then
+            # considered in its own LRU place (the scan restarts).
             need_pages = self.pages_pinned + num_pages - self.page_budget
             need_chunks = len(self._chunks) + 1 - self.max_chunks
-            victims, pages = [], 0
-            for chunk in idle:
-                if pages >= need_pages and len(victims) >= need_chunks:
+            children = {k: set(v) for k, v in self._children.items()}
+            victims: list[Chunk] = []
+            chosen: set[str] = set()
+            pages = 0
+            while pages < need_pages or len(victims) < need_chunks:
+                leaf = next((c for c in idle if not children.get(c.chunk_id) and c.chunk_id not in chosen), None)
+                if leaf is None:
                     break
-                victims.append(chunk)
-                pages += chunk.num_pages
+                victims.append(leaf)
+                chosen.add(leaf.chunk_id)
+                pages += leaf.num_pages
+                if leaf.parent is not None:
+                    children[leaf.parent].discard(leaf.chunk_id)
             if pages >= need_pages and len(victims) >= need_chunks:
                 for chunk in victims:
                     self._remove(chunk)
@@ -226,12 +281,29 @@ class ChunkRegistry:
         held = len(self._chunks) - len(idle)
         raise RegistryFull(
             f"chunk registry full: {len(self._chunks)}/{self.max_chunks} chunks, {self.pages_pinned}/"
-            f"{self.page_budget} pages pinned, {num_pages} more needed; {held} chunks are held by running requests"
+            f"{self.page_budget} pages pinned, {num_pages} more needed; {held} chunks are held by running requests "
+            "or are the parent being registered on; idle chunks with children are not evicted before them"
             + ("" if self.evict_lru else "; LRU eviction is off")
         )
 
+    def _descendants(self, chunk_id: str) -> list[Chunk]:
+        """Visible descendants, each after its parent."""
+        out: list[Chunk] = []
+        for child_id in sorted(self._children.get(chunk_id, ())):
+            out.append(self._chunks[child_id])
+            out.extend(self._descendants(child_id))
+        return out
+
+    def _link(self, chunk: Chunk) -> None:
+        if chunk.parent is not None:
+            self._children.setdefault(chunk.parent, set()).add(chunk.chunk_id)
+
     def _remove(self, chunk: Chunk) -> None:
         del self._chunks[chunk.chunk_id]
+        if chunk.parent is not None and chunk.parent in self._children:
+            self._children[chunk.parent].discard(chunk.chunk_id)
+            if not self._children[chunk.parent]:
+                del self._children[chunk.parent]
         chunk.deleted = True
         if chunk.holders:
             self._dying[chunk.chunk_id] = chunk

@@ -18,7 +18,9 @@ What happens today:
   pins the full KV pages it produced in the engine core's KV manager (one
   more reference each: never evicted, never reused for other data) until the
   chunk is deleted or evicted (LRU, chunks no running request holds, within
-  `page_budget` pages, by default half of the KV cache).
+  `page_budget` pages, by default half of the KV cache). A chain's chunk pins
+  only its own pages, past its parent's; a parent with children is neither
+  evicted nor deleted (ChunkInUse, 409) unless deleted with `cascade=True`.
 - A composition's prompt is its chunks' stored token ids (never tokenized
   again) and the tail. Its pinned pages are reused where the composition
   starts with a registered chain (vLLM's prefix cache finds them,
@@ -152,8 +154,9 @@ class ChunkStore:
                     self.registry.attach_pages(chunk.chunk_id, pages)
                     self.counters["prefilled_chunk_tokens"] += chunk.num_tokens
         except BaseException:
-            for chunk in created:  # a failed registration keeps nothing
-                self.registry.delete(chunk.chunk_id)
+            for chunk in reversed(created):  # a failed registration keeps nothing (children before parents)
+                if not chunk.deleted:
+                    self.registry.delete(chunk.chunk_id)
             raise
         return chunks
 
@@ -163,9 +166,11 @@ class ChunkStore:
     def list_chunks(self) -> list[Chunk]:
         return self.registry.list()
 
-    def delete_chunk(self, chunk_id: str) -> Chunk:
-        """Hidden at once; its pages go back to vLLM when no running request holds it."""
-        return self.registry.delete(chunk_id)
+    def delete_chunk(self, chunk_id: str, cascade: bool = False) -> Chunk:
+        """Hidden at once; its pages go back to vLLM when no running request holds it. A chunk that
+        others were registered on (`parent=`) raises ChunkInUse (409), unless `cascade` deletes
+        them with it."""
+        return self.registry.delete(chunk_id, cascade)
 
     # -- requests ----------------------------------------------------------------------------------
 
