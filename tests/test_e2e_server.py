@@ -181,11 +181,29 @@ def test_chunk_api_registers_composes_and_deletes(server, tiny_model):
     assert metric(text, "vllm:cascade_chunks") == 1 and metric(text, "vllm:cascade_chunk_pages_pinned") == 7
     assert metric(text, "vllm:cascade_chunk_registrations_total") == 1
     assert metric(text, "vllm:cascade_chunk_hits_total") >= 2  # the second POST and the composition
+    # Reuse on /metrics: the counters GET /v1/chunks reports (nothing ran in between), and the KV bytes
+    # they stand for (the tiny model's KV bytes per token, from its config: float32 K and V per layer).
+    stats = requests.get(f"{url}/v1/chunks", timeout=10).json()["stats"]
+    cfg = json.loads((tiny_model / "config.json").read_text())
+    kv_bytes = cfg["num_hidden_layers"] * 2 * cfg["num_key_value_heads"] * cfg["head_dim"] * 4
+    assert stats["compositions"] >= 1 and stats["reused_tokens"] >= 120 // 16 * 16
+    for name, key in (("compositions", "compositions"), ("composed_tokens", "chunk_tokens"),
+                      ("reused_tokens", "reused_tokens")):
+        assert metric(text, f"vllm:cascade_chunk_{name}_total") == stats[key], name
+    assert metric(text, "vllm:cascade_chunk_reused_kv_bytes_total") == stats["reused_tokens"] * kv_bytes
+    assert metric(text, "vllm:cascade_chunk_reuse_rate") == pytest.approx(stats["chunk_reuse_rate"])
+
+    # A chain pins only its own pages; its parent cannot be deleted before it (409).
+    child = post(url, "/v1/chunks", {"token_ids": tail * 4, "parent": chunk["id"]})  # 120 + 24 tokens: 9 pages
+    assert child["num_pages"] == child["pinned_pages"] == 2 and chunk_stats(url)["pages_pinned"] == 9
+    r = requests.delete(f"{url}/v1/chunks/{chunk['id']}", timeout=10)
+    assert r.status_code == 409 and child["id"] in r.json()["error"]["message"], r.text
+    assert requests.delete(f"{url}/v1/chunks/{child['id']}", timeout=10).status_code == 200
 
     r = requests.delete(f"{url}/v1/chunks/{chunk['id']}", timeout=10)
     assert r.status_code == 200 and r.json()["deleted"] is True
     text = requests.get(f"{url}/metrics", timeout=30).text
-    assert metric(text, "vllm:cascade_chunk_pages_pinned") == 0 and metric(text, "vllm:cascade_chunk_deletions_total") == 1
+    assert metric(text, "vllm:cascade_chunk_pages_pinned") == 0 and metric(text, "vllm:cascade_chunk_deletions_total") == 2
     for response in (requests.get(f"{url}/v1/chunks/{chunk['id']}", timeout=10),
                      requests.delete(f"{url}/v1/chunks/{chunk['id']}", timeout=10),
                      requests.post(f"{url}/v1/completions", timeout=30,

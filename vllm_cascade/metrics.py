@@ -26,6 +26,15 @@ With the chunk HTTP API loaded (entrypoints/http.py), its registry too:
     vllm:cascade_chunk_hits_total                 of which found an existing chunk
     vllm:cascade_chunk_evictions_total            chunks evicted (LRU) to make room
     vllm:cascade_chunk_deletions_total            chunks deleted
+    vllm:cascade_chunk_compositions_total         composed requests (chunks + tail) vLLM prefilled
+    vllm:cascade_chunk_composed_tokens_total      chunk tokens in those requests' prompts
+    vllm:cascade_chunk_reused_tokens_total        of which vLLM's prefix cache served (measured:
+                                                  each request's num_cached_tokens, capped at its
+                                                  chunk tokens)
+    vllm:cascade_chunk_reuse_rate                 reused / composed chunk tokens since the start
+    vllm:cascade_chunk_reused_kv_bytes_total      KV bytes those reused tokens did not compute again:
+                                                  the measured reused tokens x the KV bytes per token
+                                                  of the model config (a known constant)
 """
 
 from __future__ import annotations
@@ -74,11 +83,22 @@ class CascadeCollector:
             return
         from prometheus_client.core import GaugeMetricFamily
 
-        chunks = service.registry.stats()
+        from vllm_cascade.vllm_compat import kv_bytes_per_token
+
+        chunks = service.stats()
         yield GaugeMetricFamily("vllm:cascade_chunks", "Chunks registered now.", chunks["chunks"])
         yield GaugeMetricFamily("vllm:cascade_chunk_pages_pinned", "KV pages chunks pin now.", chunks["pages_pinned"])
         for name in ("registrations", "lookups", "hits", "evictions", "deletions"):
             yield counter(f"chunk_{name}", f"Chunk registry {name}.", chunks[name])
+        yield counter("chunk_compositions", "Composed requests (chunks + tail) vLLM prefilled.", chunks["compositions"])
+        yield counter("chunk_composed_tokens", "Chunk tokens in composed requests' prompts.", chunks["chunk_tokens"])
+        yield counter("chunk_reused_tokens", "Composed chunk tokens vLLM's prefix cache served instead of computing "
+                      "them (measured from each request's num_cached_tokens).", chunks["reused_tokens"])
+        yield GaugeMetricFamily("vllm:cascade_chunk_reuse_rate", "Share of composed chunk tokens reused since the "
+                                "server started (reused_tokens / composed_tokens).", chunks["chunk_reuse_rate"])
+        yield counter("chunk_reused_kv_bytes", "KV cache bytes chunk reuse did not compute again: measured reused "
+                      "tokens x KV bytes per token (layers x 2 x KV heads x head size x KV dtype size, from the "
+                      "model config).", chunks["reused_tokens"] * kv_bytes_per_token(service.engine.vllm_config))
 
 
 def register_collector() -> None:

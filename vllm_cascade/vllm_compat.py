@@ -217,6 +217,18 @@ def install_chunk_pins() -> None:
     EngineCore.cascade_kv_pages = cascade_kv_pages
 
 
+def kv_bytes_per_token(vllm_config: Any) -> int:
+    """KV cache bytes one token takes, over all layers and tensor-parallel ranks: layers x (K and V)
+    x KV heads x head size x KV-cache element size, from the model and cache configs (KV heads
+    replicated over ranks, when fewer than the ranks, are counted per copy, as they are stored)."""
+    from vllm.utils.torch_utils import kv_cache_dtype_str_to_dtype
+
+    model, parallel = vllm_config.model_config, vllm_config.parallel_config
+    dtype = kv_cache_dtype_str_to_dtype(vllm_config.cache_config.cache_dtype, model)
+    heads = model.get_num_kv_heads(parallel) * parallel.tensor_parallel_size
+    return model.get_total_num_hidden_layers() * 2 * heads * model.get_head_size() * dtype.itemsize
+
+
 async def call_engine_core_async(engine_client: Any, method: str, *args: Any) -> Any:
     """Run an engine-core utility from the API server (`engine_client` is vLLM's AsyncLLM)."""
     return await engine_client.engine_core.call_utility_async(method, *args)
