@@ -25,6 +25,7 @@ class CascadeConfig:
     # "triton": decode steps run the fused Triton kernels (FULL CUDA graphs), steps with prefill run
     # FlashInfer's prefill kernels; "flashinfer": every step runs FlashInfer (a wrapper per level).
     gpu_kernel: str = "triton"
+    chunk_persistence_dir: str = ""  # chunks' KV saved here, reloaded by the next engine without prefill ("": off)
 
     @classmethod
     def from_vllm(cls, vllm_config: Any) -> "CascadeConfig":

@@ -215,6 +215,141 @@ def install_chunk_pins() -> None:
     EngineCore.cascade_pin_prefix = cascade_pin_prefix
     EngineCore.cascade_unpin_pages = cascade_unpin_pages
     EngineCore.cascade_kv_pages = cascade_kv_pages
+    # Chunk persistence (chunks/persist.py): copy pinned pages to files and back, on every worker.
+    EngineCore.cascade_kv_layout = cascade_kv_layout
+    EngineCore.cascade_save_pages = cascade_save_pages
+    EngineCore.cascade_load_pages = cascade_load_pages
+
+
+# Chunk persistence. The KV pages live in the workers' KV caches: `worker.model_runner.kv_caches`
+# (GPUModelRunner, and CPUModelRunner which subclasses it; model runner V2 too), one tensor per
+# layer, viewed [pages, KV heads, page size, 2 x head size] and addressed by the scheduler's block
+# ids on dim 0 (vllm/v1/worker/utils.py allocate_kv_cache / bind_kv_cache). The engine core reaches
+# the workers with `model_executor.collective_rpc(fn, args=...)`, which runs `fn(worker, *args)` on
+# every rank (cloudpickled; a module-level function travels by reference). Each rank saves and loads
+# its own file: `<stem>.rank<r>.kv`, a torch.save of the pages of every layer.
+
+
+def _worker_kv_caches(worker: Any) -> list:
+    caches = list(worker.model_runner.kv_caches)
+    if not caches:
+        raise RuntimeError("this worker has no KV cache tensors (model_runner.kv_caches is empty)")
+    return caches
+
+
+def _worker_kv_layout(worker: Any) -> dict:
+    """What a saved page's bytes mean on this rank: per layer the page shape and dtype, the layout."""
+    caches = _worker_kv_caches(worker)
+    return {"rank": int(worker.rank), "layers": [[list(c.shape[1:]), str(c.dtype)] for c in caches],
+            "kv_cache_layout": str(worker.vllm_config.cache_config.kv_cache_layout)}
+
+
+def _worker_save_pages(worker: Any, block_ids: list[int], stem: str) -> dict:
+    import hashlib
+    import io
+    import os
+
+    import torch
+
+    caches = _worker_kv_caches(worker)
+    index = torch.tensor(block_ids, dtype=torch.long, device=caches[0].device)
+    layers = [c.index_select(0, index).cpu().contiguous() for c in caches]  # logical [pages, H, N, C]
+    buffer = io.BytesIO()
+    torch.save({"layers": layers}, buffer)
+    data = buffer.getvalue()
+    path = f"{stem}.rank{int(worker.rank)}.kv"
+    with open(path + ".tmp", "wb") as f:  # complete or absent: a crash mid-write leaves no file
+        f.write(data)
+    os.replace(path + ".tmp", path)
+    return {"rank": int(worker.rank), "file": os.path.basename(path), "sha256": hashlib.sha256(data).hexdigest(),
+            "bytes": len(data), "pages": len(block_ids)}
+
+
+def _worker_load_pages(worker: Any, block_ids: list[int], stem: str, sha256: dict, first_page: int) -> None:
+    """Copy saved pages [first_page, first_page + len(block_ids)) into `block_ids` of every layer,
+    after checking the file's checksum and every layer's shape (nothing is written unless all fit)."""
+    import hashlib
+    import io
+
+    import torch
+
+    rank = int(worker.rank)
+    path = f"{stem}.rank{rank}.kv"
+    with open(path, "rb") as f:
+        data = f.read()
+    got = hashlib.sha256(data).hexdigest()
+    if got != sha256[str(rank)]:
+        raise ValueError(f"{path}: SHA-256 {got} is not the manifest's {sha256[str(rank)]} (corrupt or replaced)")
+    layers = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")["layers"]
+    caches = _worker_kv_caches(worker)
+    n = len(block_ids)
+    if len(layers) != len(caches):
+        raise ValueError(f"{path}: {len(layers)} layers saved, this model has {len(caches)}")
+    for i, (saved, cache) in enumerate(zip(layers, caches)):
+        if saved.shape[1:] != cache.shape[1:] or saved.dtype != cache.dtype or saved.shape[0] < first_page + n:
+            raise ValueError(f"{path}: layer {i} saved as {tuple(saved.shape)} {saved.dtype}, the KV cache "
+                             f"pages are {tuple(cache.shape[1:])} {cache.dtype} ({first_page + n} pages needed)")
+    index = torch.tensor(block_ids, dtype=torch.long, device=caches[0].device)
+    for saved, cache in zip(layers, caches):
+        cache.index_copy_(0, index, saved[first_page : first_page + n].to(cache.device))
+
+
+def cascade_kv_layout(self) -> list[dict]:
+    """Engine-core utility: every rank's KV page layout (part of a saved chunk's fingerprint)."""
+    return self.model_executor.collective_rpc(_worker_kv_layout)
+
+
+def cascade_save_pages(self, block_ids: list[int], stem: str) -> list[dict]:
+    """Engine-core utility: every rank writes these pages of every layer to `<stem>.rank<r>.kv`.
+    -> per rank {"rank", "file", "sha256", "bytes", "pages"}."""
+    return self.model_executor.collective_rpc(_worker_save_pages, args=(list(block_ids), stem))
+
+
+def cascade_load_pages(self, token_ids: list[int], first_page: int, num_pages: int, stem: str,
+                       sha256: dict) -> list[int]:
+    """Engine-core utility: put a saved chunk's pages back into vLLM's prefix cache, pinned.
+
+    `token_ids` is the chunk's whole sequence (its parent chain's tokens first); the files hold its
+    full pages [first_page, first_page + num_pages), the ones before must be cached (the parent's,
+    pinned; `sha256`: rank (str) -> the checksum of that rank's file). Pages
+    already cached are taken as they are; the others get new blocks, filled from the files on every
+    rank, then entered into the prefix cache under the request block hasher's hashes (as
+    `KVCacheManager.cache_blocks` does after a prefill), so a request starting with these tokens
+    hits them. -> the block ids of every full page of the sequence, each with one more reference
+    (as `cascade_pin_prefix` returns them)."""
+    from vllm import SamplingParams
+    from vllm.v1.request import Request
+
+    if self.request_block_hasher is None:
+        raise RuntimeError("chunks need prefix caching: start vLLM with enable_prefix_caching=True")
+    manager = self.scheduler.kv_cache_manager
+    if len(manager.kv_cache_config.kv_cache_groups) != 1:
+        raise RuntimeError("chunks support models with one KV-cache group")
+    block_size = manager.kv_cache_config.kv_cache_groups[0].kv_cache_spec.block_size
+    pool = manager.block_pool
+    request = Request("cascade-chunk-load", list(token_ids), SamplingParams(max_tokens=1), None,
+                      block_hasher=self.request_block_hasher)
+    first, num_full = first_page, first_page + num_pages
+    if num_full > len(token_ids) // block_size:
+        raise ValueError(f"{num_full} full pages asked of a sequence of {len(token_ids)} tokens")
+    hit = list(manager.coordinator.find_longest_cache_hit(request.block_hashes, num_full * block_size)[0][0])
+    if len(hit) < first:
+        raise RuntimeError(f"the {first} pages before the saved ones are not cached ({len(hit)} are): "
+                           "load the parent chunk first")
+    missing = num_full - len(hit)
+    if missing > pool.get_num_free_blocks():
+        raise RuntimeError(f"{missing} free KV pages needed to load the chunk, {pool.get_num_free_blocks()} free")
+    pool.touch(hit)
+    new = pool.get_new_blocks(missing) if missing else []
+    try:
+        if new:
+            self.model_executor.collective_rpc(_worker_load_pages, args=(
+                [b.block_id for b in new], stem, dict(sha256), len(hit) - first))
+    except BaseException:
+        pool.free_blocks(new + hit)  # nothing was cached under a hash: the new blocks are plain free blocks
+        raise
+    pool.cache_full_blocks(request, hit + new, len(hit), num_full, block_size, 0)
+    return [b.block_id for b in hit + new]
 
 
 def kv_bytes_per_token(vllm_config: Any) -> int:

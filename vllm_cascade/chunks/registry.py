@@ -108,6 +108,7 @@ class ChunkRegistry:
         max_chunks: int = 1000,
         evict_lru: bool = True,
         on_free: Callable[[list[int]], None] = lambda pages: None,
+        on_remove: Callable[[Chunk], None] = lambda chunk: None,
     ) -> None:
         self.model_fingerprint = model_fingerprint
         self.page_size = page_size
@@ -115,6 +116,7 @@ class ChunkRegistry:
         self.max_chunks = max_chunks
         self.evict_lru = evict_lru
         self._on_free = on_free
+        self._on_remove = on_remove  # a chunk was deleted or evicted (hidden; its pages may still be held)
         self._chunks: OrderedDict[str, Chunk] = OrderedDict()  # visible chunks, least recently used first
         self._dying: dict[str, Chunk] = {}  # deleted or evicted while held
         self._children: dict[str, set[str]] = {}  # visible chunk -> its visible children
@@ -305,6 +307,7 @@ class ChunkRegistry:
             if not self._children[chunk.parent]:
                 del self._children[chunk.parent]
         chunk.deleted = True
+        self._on_remove(chunk)
         if chunk.holders:
             self._dying[chunk.chunk_id] = chunk
         else:

@@ -31,17 +31,25 @@ What happens today:
   the per-level query rotation of DESIGN.md (issue #4), not built yet.
 - A chunk's last partial page is not kept (the prefix cache keeps full pages):
   up to page_size - 1 of its tokens are computed again with each request.
+- With a persistence directory (setting `chunk_persistence_dir`), chunks' KV
+  is saved on registration and reloaded by the next engine's store without
+  prefill (chunks/persist.py).
 """
 
 from __future__ import annotations
 
+import logging
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from vllm_cascade import vllm_compat
 from vllm_cascade.chunks.layout import CompositionTooLong
-from vllm_cascade.chunks.registry import Chunk, ChunkError, ChunkRegistry
+from vllm_cascade.chunks.persist import ChunkFiles, SavedChunk, fingerprint
+from vllm_cascade.chunks.registry import Chunk, ChunkError, ChunkRegistry, UnknownChunk
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_PAGE_RATIO = 0.5  # share of the KV cache chunks may pin
 
@@ -64,13 +72,14 @@ class ChunkSpec:
 
 
 def make_registry(vllm_config: Any, total_pages: int, on_free: Callable[[list[int]], None],
-                  page_budget: int | None = None, max_chunks: int = 1000, evict_lru: bool = True) -> ChunkRegistry:
+                  page_budget: int | None = None, max_chunks: int = 1000, evict_lru: bool = True,
+                  on_remove: Callable[[Chunk], None] = lambda chunk: None) -> ChunkRegistry:
     """The registry of one vLLM engine: chunk ids fingerprinted by model, dtype and page size;
     by default chunks may pin DEFAULT_PAGE_RATIO of the engine's `total_pages`."""
     model, block_size = vllm_config.model_config, vllm_config.cache_config.block_size
     budget = page_budget if page_budget is not None else int(total_pages * DEFAULT_PAGE_RATIO)
     return ChunkRegistry(f"{model.model}|{model.dtype}|{block_size}", block_size, budget, max_chunks, evict_lru,
-                         on_free=on_free)
+                         on_free=on_free, on_remove=on_remove)
 
 
 def register_spec(registry: ChunkRegistry, spec: ChunkSpec, own: list[int], max_model_len: int) -> tuple[Chunk, bool]:
@@ -118,15 +127,29 @@ def chunk_json(chunk: Chunk) -> dict:
 
 class ChunkStore:
     def __init__(self, llm: Any, page_budget: int | None = None, max_chunks: int = 1000,
-                 evict_lru: bool = True) -> None:
+                 evict_lru: bool = True, persistence_dir: str | os.PathLike | None = None) -> None:
+        """`persistence_dir` (default: the `chunk_persistence_dir` setting; "" for none): chunks'
+        KV is saved there and reloaded from there now, without prefill (chunks/persist.py)."""
         config = llm.llm_engine.vllm_config
         if not config.cache_config.enable_prefix_caching:
             raise ChunkError("chunks need prefix caching: create the LLM with enable_prefix_caching=True")
         self.llm = llm
         self.max_model_len = config.model_config.max_model_len
         self.registry = make_registry(config, self.kv_pages()["total"], self._unpin, page_budget, max_chunks,
-                                      evict_lru)
-        self.counters = {"compositions": 0, "chunk_tokens": 0, "reused_tokens": 0, "prefilled_chunk_tokens": 0}
+                                      evict_lru, on_remove=self._forget)
+        self.counters = {"compositions": 0, "chunk_tokens": 0, "reused_tokens": 0, "prefilled_chunk_tokens": 0,
+                         "saved_chunks": 0, "reloaded_chunks": 0, "reloaded_chunk_tokens": 0,
+                         "rejected_chunk_files": 0}
+        if persistence_dir is None:
+            from vllm_cascade.config import CascadeConfig
+
+            persistence_dir = CascadeConfig.from_vllm(config).chunk_persistence_dir
+        self.files: ChunkFiles | None = None
+        self._loading: set[str] = set()  # chunks whose files a failed load must not remove
+        if persistence_dir:
+            layout = vllm_compat.call_engine_core(llm, "cascade_kv_layout")
+            self.files = ChunkFiles(persistence_dir, fingerprint(config, self.registry.model_fingerprint, layout))
+            self._reload()
 
     # -- chunks ------------------------------------------------------------------------------------
 
@@ -153,6 +176,8 @@ class ChunkStore:
                     pages = vllm_compat.call_engine_core(self.llm, "cascade_pin_prefix", list(chunk.token_ids))
                     self.registry.attach_pages(chunk.chunk_id, pages)
                     self.counters["prefilled_chunk_tokens"] += chunk.num_tokens
+                for chunk in created:
+                    self._save(chunk)
         except BaseException:
             for chunk in reversed(created):  # a failed registration keeps nothing (children before parents)
                 if not chunk.deleted:
@@ -217,3 +242,78 @@ class ChunkStore:
 
     def _unpin(self, pages: list[int]) -> None:
         vllm_compat.call_engine_core(self.llm, "cascade_unpin_pages", pages)
+
+    # -- persistence -------------------------------------------------------------------------------
+
+    def _save(self, chunk: Chunk) -> None:
+        """Write a registered chunk's pinned pages and manifest. A failure is logged, not raised:
+        the chunk stays registered, only the next engine will compute it again."""
+        if self.files is None:
+            return
+        try:
+            rank_files = vllm_compat.call_engine_core(self.llm, "cascade_save_pages", list(chunk.pages),
+                                                      self.files.stem(chunk.chunk_id))
+            self.files.write_manifest(chunk, rank_files)
+            self.counters["saved_chunks"] += 1
+        except Exception as exc:  # disk full, permissions, ...
+            logger.error("chunk %s: saving its KV to %s failed (%s: %s); it stays registered, but the next "
+                         "engine computes it again", chunk.chunk_id, self.files.directory, type(exc).__name__, exc)
+
+    def _forget(self, chunk: Chunk) -> None:
+        """The registry let a chunk go (deleted or evicted): so do its files."""
+        if self.files is not None and chunk.chunk_id not in self._loading:
+            self.files.remove(chunk.chunk_id)
+
+    def _reload(self) -> None:
+        """Register the saved chunks, parents first: their pages from the files (no prefill), or,
+        for files rejected (fingerprint, checksum, a failed load), computed again and saved anew."""
+        assert self.files is not None
+        for saved in self.files.scan():
+            if saved.parent is not None:
+                try:
+                    parent = self.registry.get(saved.parent)
+                except UnknownChunk:
+                    logger.error("chunk file %s.json: its parent %s is not registered (its file missing or "
+                                 "unreadable); not loaded, left as it is", saved.chunk_id, saved.parent)
+                    continue
+                if list(parent.token_ids) != saved.token_ids[: saved.context_len]:
+                    logger.error("chunk file %s.json: its context is not its parent's tokens; not loaded, left "
+                                 "as it is", saved.chunk_id)
+                    continue
+            problem = saved.problem or self._load(saved)
+            if problem is None:
+                continue
+            self.counters["rejected_chunk_files"] += 1
+            logger.warning("chunk %s: saved KV rejected (%s); computing it again", saved.chunk_id, problem)
+            self._loading.add(saved.chunk_id)  # a failed computation keeps the files as they are
+            try:
+                self.register_chunks([ChunkSpec(token_ids=saved.token_ids[saved.context_len :], kind=saved.kind,
+                                                label=saved.label, parent=saved.parent)], use_tqdm=False)
+            except Exception as exc:
+                logger.error("chunk %s: computing it again failed (%s: %s); not registered, its files left as "
+                             "they are", saved.chunk_id, type(exc).__name__, exc)
+            finally:
+                self._loading.discard(saved.chunk_id)
+
+    def _load(self, saved: SavedChunk) -> str | None:
+        """Put one saved chunk's pages back, pinned. -> None, or why it could not be."""
+        assert self.files is not None
+        chunk, created = self.registry.register(saved.token_ids, saved.kind, saved.label, saved.parent,
+                                                saved.context_len)
+        if not created:
+            return None
+        self._loading.add(chunk.chunk_id)
+        try:
+            pages = vllm_compat.call_engine_core(self.llm, "cascade_load_pages", saved.token_ids,
+                                                 saved.context_pages, saved.num_pages,
+                                                 self.files.stem(saved.chunk_id), saved.sha256)
+            self.registry.attach_pages(chunk.chunk_id, pages)
+        except Exception as exc:  # the engine refused (a worker's check, no free pages, ...)
+            if not chunk.deleted:
+                self.registry.delete(chunk.chunk_id)
+            return f"loading failed: {exc}"
+        finally:
+            self._loading.discard(chunk.chunk_id)
+        self.counters["reloaded_chunks"] += 1
+        self.counters["reloaded_chunk_tokens"] += chunk.num_tokens - chunk.context_len
+        return None
