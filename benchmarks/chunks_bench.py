@@ -159,14 +159,15 @@ class Side:
         return outputs, [finished[o.request_id] for o in outputs], batch, peak - self.idle_used
 
     def pinned_pages(self) -> int:
-        """Physical pages the chunks pin (a chain's chunks pin their parents' pages too: counted once)."""
+        """Physical pages the chunks pin, each counted once."""
         return len({p for c in self.store.list_chunks() for p in c.pages}) if self.store else 0
 
     def clear(self) -> bool:
         """Delete the chunks and empty the prefix cache (False if vLLM could not)."""
         if self.store is not None:
             for chunk in self.store.list_chunks():
-                self.store.delete_chunk(chunk.chunk_id)
+                if chunk.parent is None:  # a chain goes with its root
+                    self.store.delete_chunk(chunk.chunk_id, cascade=True)
         return self.llm.reset_prefix_cache()
 
 
