@@ -275,12 +275,6 @@ def print_profile(profiles: dict[str, dict], variants: list[str]) -> None:
             print(f"  {us:>9.1f} {count:>6.1f}  {name[:90]}")
 
 
-def git_commit() -> str:
-    proc = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False,
-                          cwd=os.path.dirname(os.path.abspath(__file__)))
-    return proc.stdout.strip() or "unknown"
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     present = [m for m in DEFAULT_MODELS if os.path.isdir(m)]
@@ -313,7 +307,8 @@ def main() -> None:
     if not models or unknown:
         ap.error(f"no model folder given or found ({DEFAULT_MODELS})" if not models else f"unknown: {unknown}")
     os.makedirs(args.log_dir, exist_ok=True)
-    print(f"commit {git_commit()}, backend {args.backend}, dtype {args.dtype}, logs in {args.log_dir}", flush=True)
+    # No commit here: the GPU machine's copy of the tree carries stale git metadata; RESULTS.md names it.
+    print(f"backend {args.backend}, dtype {args.dtype}, logs in {args.log_dir}", flush=True)
     report = {}
     for model in models:
         short = os.path.basename(os.path.normpath(model))
