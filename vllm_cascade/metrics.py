@@ -16,6 +16,9 @@ multiprocess registry and these metrics are not exported).
     vllm:cascade_layer_calls_total{path}          attention calls by kernel path (eager calls; layers
                                                   replayed inside a FULL CUDA graph are not counted)
     vllm:cascade_build_seconds_total              host time planning steps (levels, work lists, uploads)
+    vllm:cascade_build_seconds_by_kind_total{kind}  the same by step kind (decode, prefill)
+    vllm:cascade_decode_plans_reused_total        decode steps that reused the last step's levels
+    vllm:cascade_decode_worklists_advanced_total  decode steps whose work list was advanced, not built
 
 With the chunk HTTP API loaded (entrypoints/http.py), its registry too:
 
@@ -73,6 +76,12 @@ class CascadeCollector:
         yield counter("layer_calls", "Attention layer calls by kernel path.", label="path", values=stats["paths"])
         yield counter("build_seconds", "Host time the cascade metadata builder spent planning steps.",
                       stats["build_ns"] / 1e9)
+        yield counter("build_seconds_by_kind", "Host time of the cascade metadata builder by step kind.",
+                      label="kind", values={k: v / 1e9 for k, v in stats["build_ns_by_kind"].items()})
+        yield counter("decode_plans_reused", "Decode steps that reused the previous step's cascade levels "
+                      "(same requests).", stats["plans_reused"])
+        yield counter("decode_worklists_advanced", "Decode steps whose kernel work list was the previous one "
+                      "advanced by a token instead of built.", stats["worklists_advanced"])
         yield from self._chunk_metrics(counter)
 
     @staticmethod
