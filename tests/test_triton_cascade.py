@@ -216,6 +216,7 @@ def test_decode_steps_advance_the_last_work_list(seed):
         assert not fresh.plan(plan_cascade(table, seq_lens, ones, page, **settings), torch.from_numpy(table),
                               seq_lens, qsl)
         assert _planned(tc) == _planned(fresh)
+        assert tc.partial_rows == build_worklist(plan, seq_lens, qsl, page, 8, tc.last_pages_per_item, 8).num_partial_rows
         for r in range(len(seq_lens)):  # one decode step: a full last page gets a fresh one
             if seq_lens[r] % page == 0:
                 table[r, seq_lens[r] // page] = next_page

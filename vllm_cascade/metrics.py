@@ -19,6 +19,8 @@ multiprocess registry and these metrics are not exported).
     vllm:cascade_build_seconds_by_kind_total{kind}  the same by step kind (decode, prefill)
     vllm:cascade_decode_plans_reused_total        decode steps that reused the last step's levels
     vllm:cascade_decode_worklists_advanced_total  decode steps whose work list was advanced, not built
+    vllm:cascade_merge_inputs_total               partial results the exact merge combined, per layer (its
+                                                  cost; the merge kernel's time is in benchmarks/RESULTS.md)
 
 With the chunk HTTP API loaded (entrypoints/http.py), its registry too:
 
@@ -82,6 +84,8 @@ class CascadeCollector:
                       "(same requests).", stats["plans_reused"])
         yield counter("decode_worklists_advanced", "Decode steps whose kernel work list was the previous one "
                       "advanced by a token instead of built.", stats["worklists_advanced"])
+        yield counter("merge_inputs", "Partial attention results merged by log-sum-exp, per layer (one per "
+                      "level a query token attended, or per KV run on the fused GPU path).", stats["merge_inputs"])
         yield from self._chunk_metrics(counter)
 
     @staticmethod

@@ -160,6 +160,9 @@ class CascadeMetadataBuilder(AttentionMetadataBuilder[CascadeMetadata]):
             kernel = decode  # also the buffers a captured decode graph reads
         if kernel is not None and kernel.plan(plan, block_table, seq_lens, query_start_loc):
             STATS.worklists_advanced += 1
+        # Partial results merged this step: the fused path's (levels and KV runs), else one per level a token saw.
+        merged = getattr(kernel, "partial_rows", None)
+        STATS.merge_inputs += merged if merged is not None else (sum(level_queries) if plan.num_levels > 1 else 0)
         STATS.record_build("decode" if is_decode else "prefill", time.perf_counter_ns() - start_ns)
         return CascadeMetadata(
             num_actual_tokens=cm.num_actual_tokens,

@@ -282,6 +282,12 @@ class TritonCascade:
         self._decode = (shared, own_first_page, seq_lens, last_item, pages_per_item)
         return True
 
+    @property
+    def partial_rows(self) -> int:
+        """Partial results the planned step's merge combines (one per tile token and KV run)."""
+        tokens = int(self._image[self._layout["num_tokens"][0]])
+        return int(self._image[self._layout["contrib_off"][0] + tokens])
+
     def run(self, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor) -> None:
         cascade_attention_triton(query, k_cache, v_cache, self.block_table, self.worklist, self.scale, out,
                                  self.partials, self.wide_m, self.programs)
