@@ -43,9 +43,16 @@ def tail(path, n: int = 60) -> str:
 @pytest.fixture(scope="module")
 def server(tiny_model, tmp_path_factory):
     """The running server: (base url, Popen, stats dir, log path). Always killed at the end."""
-    work = tmp_path_factory.mktemp("server")
+    with running_server(tiny_model, tmp_path_factory.mktemp("server")) as running:
+        yield running
+
+
+@contextlib.contextmanager
+def running_server(tiny_model, work, cascade_config: dict | None = None):
+    """Start a server (settings `cascade_config` added to the test's), wait for /health; always
+    killed at the end. -> (base url, Popen, stats dir, log path)."""
     stats_dir = work / "stats"
-    stats_dir.mkdir()
+    stats_dir.mkdir(parents=True)
     log_path = work / "server.log"
     port = free_port()
     cmd = [
@@ -54,7 +61,8 @@ def server(tiny_model, tmp_path_factory):
         "--host", HOST, "--port", str(port),
         "--dtype", "float32", "--max-model-len", "1024",
         "--block-size", "16", "--max-num-seqs", "8",  # default compilation: not eager
-        "--additional-config", json.dumps({"cascade": {"min_saved_pages": 1, "min_saved_fraction": 0.0}}),
+        "--additional-config", json.dumps({"cascade": {"min_saved_pages": 1, "min_saved_fraction": 0.0,
+                                                       **(cascade_config or {})}}),
     ]  # fmt: skip
     env = {**os.environ, STATS_ENV: str(stats_dir)}
     log = open(log_path, "wb")
@@ -368,6 +376,139 @@ def test_chunk_routes_are_in_the_openapi_schema(server):
         operation = paths[route]["post"]
         assert "chunks" in operation["tags"], operation
         assert "chunks" in operation["requestBody"]["content"]["application/json"]["schema"]["properties"]
+
+
+def test_failed_registration_removes_the_chunks_registered_on_it():
+    """A parent chunk whose registration fails after children were registered on it meanwhile: its
+    client gets the original error (not ChunkInUse), the children go with it (cascade; one still
+    registering gets 409), and every page pinned is unpinned. Over a real server the engine's
+    failure cannot be timed after a child's registration, so ChunkService runs on a fake engine
+    client whose prefill of the parent fails when the test says."""
+    import asyncio
+    import collections
+    from types import SimpleNamespace
+
+    from vllm_cascade.chunks.registry import ChunkInUse
+    from vllm_cascade.chunks.store import ChunkConflict, ChunkSpec
+    from vllm_cascade.entrypoints.http import ChunkService
+
+    page = 16
+    parent_tokens, child_tokens, late_tokens = list(range(1, 33)), list(range(100, 132)), list(range(200, 232))
+
+    class Engine:
+        def __init__(self):
+            model = SimpleNamespace(model="fake", dtype="float32", max_model_len=1024)
+            self.vllm_config = SimpleNamespace(model_config=model, cache_config=SimpleNamespace(block_size=page),
+                                               additional_config={})
+            self.engine_core = self
+            self.pins = collections.Counter()  # page -> references the chunk API holds
+            self.gates = {}  # a prompt's last tokens -> (event, error to raise then or None)
+            self.next_page = 0
+
+        async def generate(self, prompt, params, request_id):
+            tokens = prompt["prompt_token_ids"]
+            for last, (event, error) in self.gates.items():
+                if tuple(tokens[-len(last):]) == last:
+                    await event.wait()
+                    if error is not None:
+                        raise error
+            yield SimpleNamespace(num_cached_tokens=0)
+
+        async def call_utility_async(self, method, *args):
+            if method == "cascade_pin_prefix":
+                pages = list(range(self.next_page, self.next_page + len(args[0]) // page))
+                self.next_page += len(pages)
+                self.pins.update(pages)
+                return pages
+            assert method == "cascade_unpin_pages", method
+            self.pins.subtract(args[0])
+
+    async def scenario():
+        engine = Engine()
+        service = ChunkService(engine, total_pages=100)
+        parent_go, late_go = asyncio.Event(), asyncio.Event()
+        engine.gates = {tuple(parent_tokens): (parent_go, RuntimeError("the engine failed")),
+                        tuple(late_tokens): (late_go, None)}
+        parent = asyncio.create_task(service.register(ChunkSpec(token_ids=parent_tokens)))
+        await asyncio.sleep(0)
+        (pending,) = service.registry.list()
+        child = await service.register(ChunkSpec(token_ids=child_tokens, parent=pending.chunk_id))  # done first
+        late = asyncio.create_task(service.register(ChunkSpec(token_ids=late_tokens, parent=pending.chunk_id)))
+        await asyncio.sleep(0)
+        assert child["status"] == "ready" and service.registry.children(pending.chunk_id) == sorted(
+            [child["id"], service.registry.list()[-1].chunk_id])
+        parent_go.set()
+        with pytest.raises(RuntimeError, match="the engine failed"):  # not ChunkInUse from the clean-up
+            await parent
+        late_go.set()
+        with pytest.raises(ChunkConflict, match="removed while it was being registered"):
+            await late
+        assert service.registry.list() == [] and service.registry.pages_pinned == 0
+        await service.flush()
+        assert not +engine.pins, f"pages left pinned: {+engine.pins}"
+        # The clean-up itself: a chunk with children goes with them, and never raises.
+        a = await service.register(ChunkSpec(token_ids=parent_tokens[:16]))
+        await service.register(ChunkSpec(token_ids=child_tokens[:16], parent=a["id"]))
+        with pytest.raises(ChunkInUse):
+            service.registry.delete(a["id"])
+        chunk = service.registry.get(a["id"])
+        service._discard(chunk)
+        service._discard(chunk)  # already gone: nothing
+        await service.flush()
+        assert service.registry.list() == [] and not +engine.pins
+
+    asyncio.run(scenario())
+
+
+def test_chunks_persist_across_server_restarts(tiny_model, tmp_path):
+    """With `chunk_persistence_dir`, a chain registered over HTTP is saved; a deleted chunk's files
+    go; after the server stops, a new server with the same directory lists the chain, ready, and a
+    composition on it is served from the reloaded pages (prefix-cache hit, nothing prefilled)."""
+    from test_e2e_llm import window
+
+    persist = tmp_path / "chunks"
+    config = {"chunk_persistence_dir": str(persist)}
+    parent_tokens, tail = window(tiny_model, 100, 120), window(tiny_model, 900, 6)
+
+    def files() -> set[str]:
+        return {p.name for p in persist.iterdir()}
+
+    with running_server(tiny_model, tmp_path / "first", config) as (url, proc, _, log_path):
+        parent = post(url, "/v1/chunks", {"token_ids": parent_tokens, "kind": "system", "label": "doc"})
+        child = post(url, "/v1/chunks", {"token_ids": tail * 4, "parent": parent["id"]})  # 144 tokens: 9 pages
+        gone = post(url, "/v1/chunks", {"token_ids": window(tiny_model, 500, 40)})
+        chain = {f"{c['id']}{ext}" for c in (parent, child) for ext in (".json", ".rank0.kv")}
+        assert files() == chain | {f"{gone['id']}.json", f"{gone['id']}.rank0.kv"}
+        assert requests.delete(f"{url}/v1/chunks/{gone['id']}", timeout=10).status_code == 200
+        assert files() == chain
+        stats = chunk_stats(url)
+        assert stats["saved_chunks"] == 3 and stats["prefilled_chunk_tokens"] == 120 + 144 + 40, stats
+        body = {"model": server_model(url), "chunks": [parent["id"], child["id"]], "prompt": tail, **GREEDY}
+        before = post(url, "/v1/completions", body)["choices"][0]
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"server still running {STOP_TIMEOUT_S} s after SIGINT:\n{tail(log_path)}")
+    assert files() == chain  # stopping keeps them
+
+    with running_server(tiny_model, tmp_path / "second", config) as (url, _, _, _):
+        listed = requests.get(f"{url}/v1/chunks", timeout=10).json()
+        by_id = {c["id"]: c for c in listed["data"]}
+        assert set(by_id) == {parent["id"], child["id"]}
+        for chunk in (parent, child):
+            assert by_id[chunk["id"]] == {**chunk, "created": by_id[chunk["id"]]["created"]}  # ready, pinned
+        stats = listed["stats"]
+        assert stats["reloaded_chunks"] == 2 and stats["reloaded_chunk_tokens"] == 120 + 24, stats
+        assert stats["prefilled_chunk_tokens"] == 0 and stats["rejected_chunk_files"] == 0 and stats["pages_pinned"] == 9
+        after = post(url, "/v1/completions", {**body, "model": server_model(url)})["choices"][0]
+        stats = chunk_stats(url)
+        assert stats["compositions"] == 1 and stats["reused_tokens"] == 144, stats  # every full page: a hit
+        assert stats["prefilled_chunk_tokens"] == 0
+        assert after["prompt_token_ids"] == parent_tokens + tail * 4 + tail
+        assert after["token_ids"] == before["token_ids"]
+        assert requests.delete(f"{url}/v1/chunks/{child['id']}", timeout=10).status_code == 200
+        assert files() == {n for n in chain if n.startswith(parent["id"])}
 
 
 def test_sigint_stops_server_and_cascade_ran_in_worker(server):

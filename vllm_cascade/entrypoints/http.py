@@ -16,6 +16,10 @@ Chunk tokens are never tokenized again: a composed prompt is token ids throughou
 cache served (`reused_tokens`, `chunk_reuse_rate`, measured from each request's
 `num_cached_tokens`).
 
+With the setting `chunk_persistence_dir`, chunks are saved, forgotten and reloaded as by ChunkStore
+(chunks/persist.py; ChunkStore's own methods, run in a worker thread): a new server lists the saved
+chunks as `"ready"`, their pages back in vLLM's prefix cache without prefill.
+
 Errors are JSON `{"error": {"message", "type", "code"}}`:
 400 malformed body; 404 unknown or deleted chunk; 409 the chunk changed state under the request
 (deleted while its registration runs, or evicted before its pages were pinned); 413 composition
@@ -31,6 +35,7 @@ vLLM's async engine client.
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 import weakref
 from collections.abc import AsyncIterator, Callable
@@ -42,10 +47,12 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 
 from vllm_cascade import vllm_compat
+from vllm_cascade.chunks.persist import ChunkFiles, fingerprint
 from vllm_cascade.chunks.registry import Chunk, ChunkError, UnknownChunk
 from vllm_cascade.chunks.store import (
     ChunkConflict,
     ChunkSpec,
+    ChunkStore,
     chunk_json,
     composition_prompt,
     count_composition,
@@ -54,6 +61,8 @@ from vllm_cascade.chunks.store import (
     reuse_rate,
 )
 
+logger = logging.getLogger(__name__)
+
 PLUGIN_NAME = "cascade_chunks"
 ACTIVE_SERVICE: ChunkService | None = None  # this API server's, for /metrics (metrics.py)
 _SPEC_FIELDS = {"text": str, "token_ids": list, "kind": str, "label": str, "parent": str}
@@ -61,18 +70,61 @@ _SPEC_FIELDS = {"text": str, "token_ids": list, "kind": str, "label": str, "pare
 COMPOSITION: ContextVar[Composition | None] = ContextVar("cascade_composition", default=None)
 
 
+class _EngineCoreFromThread:
+    """The async engine client as `vllm_compat.call_engine_core` sees a `vllm.LLM`, for ChunkStore's
+    persistence methods run in a worker thread: each utility call runs on the server's event loop."""
+
+    def __init__(self, engine_client: Any, loop: asyncio.AbstractEventLoop) -> None:
+        self.engine_client, self.loop = engine_client, loop
+        self.llm_engine = self.engine_core = self  # call_engine_core reads llm.llm_engine.engine_core
+
+    def call_utility(self, method: str, *args: Any) -> Any:
+        call = vllm_compat.call_engine_core_async(self.engine_client, method, *args)
+        return asyncio.run_coroutine_threadsafe(call, self.loop).result()
+
+
 class ChunkService:
     """Chunks for one API server: the registry here, pages pinned in the engine core."""
+
+    # Persistence is ChunkStore's (one way to save, forget and reload chunk files). Its methods use
+    # `files`, `registry`, `counters`, `_loading`, `llm` (engine-core calls) and `register_chunks`,
+    # which this class provides; those that call the engine core run in a worker thread (`llm`).
+    _save = ChunkStore._save
+    _forget = ChunkStore._forget
+    _reload = ChunkStore._reload
+    _load = ChunkStore._load
 
     def __init__(self, engine_client: Any, total_pages: int) -> None:
         config = engine_client.vllm_config
         self.engine = engine_client
         self.max_model_len = config.model_config.max_model_len
         self._unpin: list[int] = []  # pages the registry let go, handed back after each operation
-        self.registry = make_registry(config, total_pages, on_free=self._unpin.extend)
+        self.registry = make_registry(config, total_pages, on_free=self._unpin.extend, on_remove=self._forget)
         # Chunks whose prefill and pinning are under way -> the error that ended them (None: fine).
         self._registering: dict[str, asyncio.Future[BaseException | None]] = {}
-        self.counters = {"compositions": 0, "chunk_tokens": 0, "reused_tokens": 0}
+        self.counters = {"compositions": 0, "chunk_tokens": 0, "reused_tokens": 0, "prefilled_chunk_tokens": 0,
+                         "saved_chunks": 0, "reloaded_chunks": 0, "reloaded_chunk_tokens": 0,
+                         "rejected_chunk_files": 0}
+        self.files: ChunkFiles | None = None  # the persistence directory, once `start_persistence` ran
+        self._loading: set[str] = set()  # chunks whose files a failed load must not remove
+        self.llm: _EngineCoreFromThread | None = None
+
+    async def start_persistence(self, directory: str) -> None:
+        """Save chunks to `directory` from now on, and reload the chunks saved there (no prefill;
+        rejected files are computed again), as ChunkStore does."""
+        layout = await vllm_compat.call_engine_core_async(self.engine, "cascade_kv_layout")
+        self.llm = _EngineCoreFromThread(self.engine, asyncio.get_running_loop())
+        self.files = ChunkFiles(directory, fingerprint(self.engine.vllm_config, self.registry.model_fingerprint,
+                                                       layout))
+        try:
+            await asyncio.to_thread(self._reload)
+        finally:
+            await self.flush()
+
+    def register_chunks(self, specs: list[ChunkSpec], use_tqdm: bool = False) -> list[dict]:
+        """For ChunkStore's `_reload` (a worker thread): register on the event loop, one by one."""
+        assert self.llm is not None
+        return [asyncio.run_coroutine_threadsafe(self.register(spec), self.llm.loop).result() for spec in specs]
 
     async def register(self, spec: ChunkSpec) -> dict:
         from vllm import SamplingParams
@@ -99,14 +151,19 @@ class ChunkService:
                                                              list(chunk.token_ids))
             try:
                 self.registry.attach_pages(chunk.chunk_id, pages)
-            except UnknownChunk:  # evicted meanwhile (deletion waits for us): nothing may keep the pins
+            except UnknownChunk:  # removed meanwhile (deletion waits for us): nothing may keep the pins
                 self._unpin.extend(pages)
-                raise ChunkConflict(f"chunk {chunk.chunk_id} was evicted while it was being registered "
-                                    "(newer chunks took the page budget); register it again") from None
+                raise ChunkConflict(f"chunk {chunk.chunk_id} was removed while it was being registered (evicted "
+                                    "by newer chunks, or its parent's registration failed); register it again"
+                                    ) from None
+            self.counters["prefilled_chunk_tokens"] += chunk.num_tokens
+            if self.files is not None:
+                await asyncio.to_thread(self._save, chunk)  # a failure is logged: the chunk stays
+                if chunk.deleted:  # evicted while its files were written: they go too
+                    self.files.remove(chunk.chunk_id)
         except BaseException as exc:
             error = exc
-            if not chunk.deleted:
-                self.registry.delete(chunk.chunk_id)
+            self._discard(chunk)
             raise
         finally:
             if self._registering.get(chunk.chunk_id) is done:  # not a re-registration after an eviction
@@ -114,6 +171,17 @@ class ChunkService:
             done.set_result(error)
             await self.flush()
         return self.json(chunk)
+
+    def _discard(self, chunk: Chunk) -> None:
+        """A failed registration keeps nothing: the chunk goes, with the chunks registered on it
+        meanwhile (cascade: their pages are unpinned, their own registrations end with 409). Never
+        raises, so that the registration's own error is what its client gets."""
+        if chunk.deleted:
+            return
+        try:
+            self.registry.delete(chunk.chunk_id, cascade=True)
+        except Exception:  # e.g. already gone: nothing of it is left to unpin
+            logger.exception("chunk %s: removing it after its registration failed", chunk.chunk_id)
 
     async def delete(self, chunk_id: str) -> None:
         if chunk_id in self._registering:
@@ -355,5 +423,11 @@ class ChunkEndpoints:
         if engine_client is not None:
             pages = await vllm_compat.call_engine_core_async(engine_client, "cascade_kv_pages")
             global ACTIVE_SERVICE
-            state.cascade_chunks = ACTIVE_SERVICE = ChunkService(engine_client, pages["total"])
+            service = ChunkService(engine_client, pages["total"])
+            from vllm_cascade.config import CascadeConfig
+
+            directory = CascadeConfig.from_vllm(engine_client.vllm_config).chunk_persistence_dir
+            if directory:
+                await service.start_persistence(directory)
+            state.cascade_chunks = ACTIVE_SERVICE = service
             vllm_compat.hook_compositions(state, COMPOSITION)
