@@ -126,6 +126,6 @@ def test_chunks_reload_after_restart_without_prefill(tiny_model, tmp_path, refer
                                              str(tmp_path / "again"))
         assert again[0]["sha256"] == json.loads((kv_dir / f"{a.chunk_id}.json").read_text())["files"]["0"]["sha256"]
         # c was saved anew: every file now passes the checks.
-        assert all(s.problem is None for s in store.files.scan())
+        assert all(s.problem is None for s in store.persistence.files.scan())
     finally:
         second.shutdown()

@@ -161,6 +161,12 @@ def test_metrics_show_cascade_levels_and_saved_bytes(server):
     kinds = files["steps_by_kind"]
     assert kinds.get("decode", 0) > 0 and kinds.get("prefill", 0) > 0 and sum(kinds.values()) == files["steps"]
     assert sum(files["build_ns_by_kind"].values()) == files["build_ns"]
+    assert metric(text, "vllm:cascade_build_seconds_by_kind_total", 'kind="decode"') > 0
+    # The CPU runner has no block-table mirror, so nothing is reused here; the GPU runs count them.
+    assert metric(text, "vllm:cascade_merge_inputs_total") == files["merge_inputs"] > 0
+    assert "vllm:cascade_decode_plans_reused_total" in text and "vllm:cascade_decode_worklists_advanced_total" in text
+    assert metric(text, "vllm:cascade_decode_plans_reused_total") == files["plans_reused"]
+    assert metric(text, "vllm:cascade_decode_worklists_advanced_total") == files["worklists_advanced"]
     read, flat = metric(text, "vllm:cascade_kv_bytes_read_total"), metric(text, "vllm:cascade_kv_bytes_flat_total")
     assert 0 < read < flat and metric(text, "vllm:cascade_kv_bytes_saved_total") == flat - read
     assert "vllm:num_requests_running" in text  # the same endpoint as vLLM's own metrics

@@ -25,11 +25,16 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from vllm_cascade.chunks.registry import Chunk, chunk_id_for
+from vllm_cascade.chunks.registry import (
+    Chunk,
+    ChunkRegistry,
+    UnknownChunk,
+    chunk_id_for,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -166,4 +171,95 @@ class ChunkFiles:
                 return f"{path}: {exc}"
             if got != entry["sha256"]:
                 return f"{path}: SHA-256 {got} is not the manifest's {entry['sha256']} (corrupt or replaced)"
+        return None
+
+
+class ChunkPersistence:
+    """Keeps a chunk directory in step with a registry: saves what is registered, removes what
+    the registry lets go, reloads the directory. The one way to do it, for `ChunkStore` (on a
+    `vllm.LLM`) and the HTTP `ChunkService` alike.
+
+    `call_engine_core(method, *args)` runs an engine-core utility and waits for its result;
+    `register_chunks(specs)` computes chunks (prefill and pin) whose files were rejected. Both
+    block, so the server runs these methods in a worker thread. `counters` is the caller's
+    stats dict (`saved_chunks`, `reloaded_chunks`, `reloaded_chunk_tokens`, `rejected_chunk_files`).
+    """
+
+    def __init__(self, files: ChunkFiles, registry: ChunkRegistry, counters: dict,
+                 call_engine_core: Callable[..., Any], register_chunks: Callable[[list], Any]) -> None:
+        self.files, self.registry, self.counters = files, registry, counters
+        self.call_engine_core, self.register_chunks = call_engine_core, register_chunks
+        self._loading: set[str] = set()  # chunks whose files a failed load must not remove
+
+    def save(self, chunk: Chunk) -> None:
+        """Write a registered chunk's pinned pages and manifest. A failure is logged, not raised:
+        the chunk stays registered, only the next engine will compute it again."""
+        try:
+            rank_files = self.call_engine_core("cascade_save_pages", list(chunk.pages), self.files.stem(chunk.chunk_id))
+            self.files.write_manifest(chunk, rank_files)
+            self.counters["saved_chunks"] += 1
+        except Exception as exc:  # disk full, permissions, ...
+            logger.error("chunk %s: saving its KV to %s failed (%s: %s); it stays registered, but the next "
+                         "engine computes it again", chunk.chunk_id, self.files.directory, type(exc).__name__, exc)
+        if chunk.deleted:  # evicted while its files were written: they go too
+            self.files.remove(chunk.chunk_id)
+
+    def forget(self, chunk: Chunk) -> None:
+        """The registry let a chunk go (deleted or evicted): so do its files."""
+        if chunk.chunk_id not in self._loading:
+            self.files.remove(chunk.chunk_id)
+
+    def reload(self) -> None:
+        """Register the saved chunks, parents first: their pages from the files (no prefill), or,
+        for files rejected (fingerprint, checksum, a failed load), computed again and saved anew."""
+        from vllm_cascade.chunks.store import (
+            ChunkSpec,  # store.py builds on this module
+        )
+
+        for saved in self.files.scan():
+            if saved.parent is not None:
+                try:
+                    parent = self.registry.get(saved.parent)
+                except UnknownChunk:
+                    logger.error("chunk file %s.json: its parent %s is not registered (its file missing or "
+                                 "unreadable); not loaded, left as it is", saved.chunk_id, saved.parent)
+                    continue
+                if list(parent.token_ids) != saved.token_ids[: saved.context_len]:
+                    logger.error("chunk file %s.json: its context is not its parent's tokens; not loaded, left "
+                                 "as it is", saved.chunk_id)
+                    continue
+            problem = saved.problem or self._load(saved)
+            if problem is None:
+                continue
+            self.counters["rejected_chunk_files"] += 1
+            logger.warning("chunk %s: saved KV rejected (%s); computing it again", saved.chunk_id, problem)
+            self._loading.add(saved.chunk_id)  # a failed computation keeps the files as they are
+            try:
+                self.register_chunks([ChunkSpec(token_ids=saved.token_ids[saved.context_len :], kind=saved.kind,
+                                                label=saved.label, parent=saved.parent)])
+            except Exception as exc:
+                logger.error("chunk %s: computing it again failed (%s: %s); not registered, its files left as "
+                             "they are", saved.chunk_id, type(exc).__name__, exc)
+            finally:
+                self._loading.discard(saved.chunk_id)
+
+    def _load(self, saved: SavedChunk) -> str | None:
+        """Put one saved chunk's pages back, pinned. -> None, or why it could not be."""
+        chunk, created = self.registry.register(saved.token_ids, saved.kind, saved.label, saved.parent,
+                                                saved.context_len)
+        if not created:
+            return None
+        self._loading.add(chunk.chunk_id)
+        try:
+            pages = self.call_engine_core("cascade_load_pages", saved.token_ids, saved.context_pages,
+                                          saved.num_pages, self.files.stem(saved.chunk_id), saved.sha256)
+            self.registry.attach_pages(chunk.chunk_id, pages)
+        except Exception as exc:  # the engine refused (a worker's check, no free pages, ...)
+            if not chunk.deleted:
+                self.registry.delete(chunk.chunk_id)
+            return f"loading failed: {exc}"
+        finally:
+            self._loading.discard(chunk.chunk_id)
+        self.counters["reloaded_chunks"] += 1
+        self.counters["reloaded_chunk_tokens"] += chunk.num_tokens - chunk.context_len
         return None

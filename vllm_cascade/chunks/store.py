@@ -46,8 +46,8 @@ from typing import Any
 
 from vllm_cascade import vllm_compat
 from vllm_cascade.chunks.layout import CompositionTooLong
-from vllm_cascade.chunks.persist import ChunkFiles, SavedChunk, fingerprint
-from vllm_cascade.chunks.registry import Chunk, ChunkError, ChunkRegistry, UnknownChunk
+from vllm_cascade.chunks.persist import ChunkFiles, ChunkPersistence, fingerprint
+from vllm_cascade.chunks.registry import Chunk, ChunkError, ChunkRegistry
 
 logger = logging.getLogger(__name__)
 
@@ -144,12 +144,14 @@ class ChunkStore:
             from vllm_cascade.config import CascadeConfig
 
             persistence_dir = CascadeConfig.from_vllm(config).chunk_persistence_dir
-        self.files: ChunkFiles | None = None
-        self._loading: set[str] = set()  # chunks whose files a failed load must not remove
+        self.persistence: ChunkPersistence | None = None
         if persistence_dir:
             layout = vllm_compat.call_engine_core(llm, "cascade_kv_layout")
-            self.files = ChunkFiles(persistence_dir, fingerprint(config, self.registry.model_fingerprint, layout))
-            self._reload()
+            files = ChunkFiles(persistence_dir, fingerprint(config, self.registry.model_fingerprint, layout))
+            self.persistence = ChunkPersistence(
+                files, self.registry, self.counters, lambda method, *args: vllm_compat.call_engine_core(
+                    llm, method, *args), lambda specs: self.register_chunks(specs, use_tqdm=False))
+            self.persistence.reload()
 
     # -- chunks ------------------------------------------------------------------------------------
 
@@ -177,7 +179,8 @@ class ChunkStore:
                     self.registry.attach_pages(chunk.chunk_id, pages)
                     self.counters["prefilled_chunk_tokens"] += chunk.num_tokens
                 for chunk in created:
-                    self._save(chunk)
+                    if self.persistence is not None:
+                        self.persistence.save(chunk)
         except BaseException:
             for chunk in reversed(created):  # a failed registration keeps nothing (children before parents)
                 if not chunk.deleted:
@@ -243,77 +246,6 @@ class ChunkStore:
     def _unpin(self, pages: list[int]) -> None:
         vllm_compat.call_engine_core(self.llm, "cascade_unpin_pages", pages)
 
-    # -- persistence -------------------------------------------------------------------------------
-
-    def _save(self, chunk: Chunk) -> None:
-        """Write a registered chunk's pinned pages and manifest. A failure is logged, not raised:
-        the chunk stays registered, only the next engine will compute it again."""
-        if self.files is None:
-            return
-        try:
-            rank_files = vllm_compat.call_engine_core(self.llm, "cascade_save_pages", list(chunk.pages),
-                                                      self.files.stem(chunk.chunk_id))
-            self.files.write_manifest(chunk, rank_files)
-            self.counters["saved_chunks"] += 1
-        except Exception as exc:  # disk full, permissions, ...
-            logger.error("chunk %s: saving its KV to %s failed (%s: %s); it stays registered, but the next "
-                         "engine computes it again", chunk.chunk_id, self.files.directory, type(exc).__name__, exc)
-
     def _forget(self, chunk: Chunk) -> None:
-        """The registry let a chunk go (deleted or evicted): so do its files."""
-        if self.files is not None and chunk.chunk_id not in self._loading:
-            self.files.remove(chunk.chunk_id)
-
-    def _reload(self) -> None:
-        """Register the saved chunks, parents first: their pages from the files (no prefill), or,
-        for files rejected (fingerprint, checksum, a failed load), computed again and saved anew."""
-        assert self.files is not None
-        for saved in self.files.scan():
-            if saved.parent is not None:
-                try:
-                    parent = self.registry.get(saved.parent)
-                except UnknownChunk:
-                    logger.error("chunk file %s.json: its parent %s is not registered (its file missing or "
-                                 "unreadable); not loaded, left as it is", saved.chunk_id, saved.parent)
-                    continue
-                if list(parent.token_ids) != saved.token_ids[: saved.context_len]:
-                    logger.error("chunk file %s.json: its context is not its parent's tokens; not loaded, left "
-                                 "as it is", saved.chunk_id)
-                    continue
-            problem = saved.problem or self._load(saved)
-            if problem is None:
-                continue
-            self.counters["rejected_chunk_files"] += 1
-            logger.warning("chunk %s: saved KV rejected (%s); computing it again", saved.chunk_id, problem)
-            self._loading.add(saved.chunk_id)  # a failed computation keeps the files as they are
-            try:
-                self.register_chunks([ChunkSpec(token_ids=saved.token_ids[saved.context_len :], kind=saved.kind,
-                                                label=saved.label, parent=saved.parent)], use_tqdm=False)
-            except Exception as exc:
-                logger.error("chunk %s: computing it again failed (%s: %s); not registered, its files left as "
-                             "they are", saved.chunk_id, type(exc).__name__, exc)
-            finally:
-                self._loading.discard(saved.chunk_id)
-
-    def _load(self, saved: SavedChunk) -> str | None:
-        """Put one saved chunk's pages back, pinned. -> None, or why it could not be."""
-        assert self.files is not None
-        chunk, created = self.registry.register(saved.token_ids, saved.kind, saved.label, saved.parent,
-                                                saved.context_len)
-        if not created:
-            return None
-        self._loading.add(chunk.chunk_id)
-        try:
-            pages = vllm_compat.call_engine_core(self.llm, "cascade_load_pages", saved.token_ids,
-                                                 saved.context_pages, saved.num_pages,
-                                                 self.files.stem(saved.chunk_id), saved.sha256)
-            self.registry.attach_pages(chunk.chunk_id, pages)
-        except Exception as exc:  # the engine refused (a worker's check, no free pages, ...)
-            if not chunk.deleted:
-                self.registry.delete(chunk.chunk_id)
-            return f"loading failed: {exc}"
-        finally:
-            self._loading.discard(chunk.chunk_id)
-        self.counters["reloaded_chunks"] += 1
-        self.counters["reloaded_chunk_tokens"] += chunk.num_tokens - chunk.context_len
-        return None
+        if self.persistence is not None:
+            self.persistence.forget(chunk)

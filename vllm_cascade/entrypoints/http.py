@@ -17,7 +17,7 @@ cache served (`reused_tokens`, `chunk_reuse_rate`, measured from each request's
 `num_cached_tokens`).
 
 With the setting `chunk_persistence_dir`, chunks are saved, forgotten and reloaded as by ChunkStore
-(chunks/persist.py; ChunkStore's own methods, run in a worker thread): a new server lists the saved
+(chunks/persist.py's ChunkPersistence, run in a worker thread): a new server lists the saved
 chunks as `"ready"`, their pages back in vLLM's prefix cache without prefill.
 
 Errors are JSON `{"error": {"message", "type", "code"}}`:
@@ -47,12 +47,11 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 
 from vllm_cascade import vllm_compat
-from vllm_cascade.chunks.persist import ChunkFiles, fingerprint
+from vllm_cascade.chunks.persist import ChunkFiles, ChunkPersistence, fingerprint
 from vllm_cascade.chunks.registry import Chunk, ChunkError, UnknownChunk
 from vllm_cascade.chunks.store import (
     ChunkConflict,
     ChunkSpec,
-    ChunkStore,
     chunk_json,
     composition_prompt,
     count_composition,
@@ -70,29 +69,8 @@ _SPEC_FIELDS = {"text": str, "token_ids": list, "kind": str, "label": str, "pare
 COMPOSITION: ContextVar[Composition | None] = ContextVar("cascade_composition", default=None)
 
 
-class _EngineCoreFromThread:
-    """The async engine client as `vllm_compat.call_engine_core` sees a `vllm.LLM`, for ChunkStore's
-    persistence methods run in a worker thread: each utility call runs on the server's event loop."""
-
-    def __init__(self, engine_client: Any, loop: asyncio.AbstractEventLoop) -> None:
-        self.engine_client, self.loop = engine_client, loop
-        self.llm_engine = self.engine_core = self  # call_engine_core reads llm.llm_engine.engine_core
-
-    def call_utility(self, method: str, *args: Any) -> Any:
-        call = vllm_compat.call_engine_core_async(self.engine_client, method, *args)
-        return asyncio.run_coroutine_threadsafe(call, self.loop).result()
-
-
 class ChunkService:
     """Chunks for one API server: the registry here, pages pinned in the engine core."""
-
-    # Persistence is ChunkStore's (one way to save, forget and reload chunk files). Its methods use
-    # `files`, `registry`, `counters`, `_loading`, `llm` (engine-core calls) and `register_chunks`,
-    # which this class provides; those that call the engine core run in a worker thread (`llm`).
-    _save = ChunkStore._save
-    _forget = ChunkStore._forget
-    _reload = ChunkStore._reload
-    _load = ChunkStore._load
 
     def __init__(self, engine_client: Any, total_pages: int) -> None:
         config = engine_client.vllm_config
@@ -105,26 +83,32 @@ class ChunkService:
         self.counters = {"compositions": 0, "chunk_tokens": 0, "reused_tokens": 0, "prefilled_chunk_tokens": 0,
                          "saved_chunks": 0, "reloaded_chunks": 0, "reloaded_chunk_tokens": 0,
                          "rejected_chunk_files": 0}
-        self.files: ChunkFiles | None = None  # the persistence directory, once `start_persistence` ran
-        self._loading: set[str] = set()  # chunks whose files a failed load must not remove
-        self.llm: _EngineCoreFromThread | None = None
+        self.persistence: ChunkPersistence | None = None  # once `start_persistence` ran
 
     async def start_persistence(self, directory: str) -> None:
         """Save chunks to `directory` from now on, and reload the chunks saved there (no prefill;
-        rejected files are computed again), as ChunkStore does."""
+        rejected files are computed again), as ChunkStore does. Persistence blocks on engine-core
+        calls, so it runs in a worker thread that hands each call to this event loop."""
+        loop = asyncio.get_running_loop()
+
+        def call_engine_core(method: str, *args: Any) -> Any:
+            call = vllm_compat.call_engine_core_async(self.engine, method, *args)
+            return asyncio.run_coroutine_threadsafe(call, loop).result()
+
+        def register_chunks(specs: list[ChunkSpec]) -> list[dict]:
+            return [asyncio.run_coroutine_threadsafe(self.register(spec), loop).result() for spec in specs]
+
         layout = await vllm_compat.call_engine_core_async(self.engine, "cascade_kv_layout")
-        self.llm = _EngineCoreFromThread(self.engine, asyncio.get_running_loop())
-        self.files = ChunkFiles(directory, fingerprint(self.engine.vllm_config, self.registry.model_fingerprint,
-                                                       layout))
+        files = ChunkFiles(directory, fingerprint(self.engine.vllm_config, self.registry.model_fingerprint, layout))
+        self.persistence = ChunkPersistence(files, self.registry, self.counters, call_engine_core, register_chunks)
         try:
-            await asyncio.to_thread(self._reload)
+            await asyncio.to_thread(self.persistence.reload)
         finally:
             await self.flush()
 
-    def register_chunks(self, specs: list[ChunkSpec], use_tqdm: bool = False) -> list[dict]:
-        """For ChunkStore's `_reload` (a worker thread): register on the event loop, one by one."""
-        assert self.llm is not None
-        return [asyncio.run_coroutine_threadsafe(self.register(spec), self.llm.loop).result() for spec in specs]
+    def _forget(self, chunk: Chunk) -> None:
+        if self.persistence is not None:
+            self.persistence.forget(chunk)
 
     async def register(self, spec: ChunkSpec) -> dict:
         from vllm import SamplingParams
@@ -157,10 +141,8 @@ class ChunkService:
                                     "by newer chunks, or its parent's registration failed); register it again"
                                     ) from None
             self.counters["prefilled_chunk_tokens"] += chunk.num_tokens
-            if self.files is not None:
-                await asyncio.to_thread(self._save, chunk)  # a failure is logged: the chunk stays
-                if chunk.deleted:  # evicted while its files were written: they go too
-                    self.files.remove(chunk.chunk_id)
+            if self.persistence is not None:
+                await asyncio.to_thread(self.persistence.save, chunk)  # a failure is logged: the chunk stays
         except BaseException as exc:
             error = exc
             self._discard(chunk)
