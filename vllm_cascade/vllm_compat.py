@@ -189,16 +189,7 @@ def install_chunk_pins() -> None:
         """Pin the full pages vLLM's prefix cache holds for `token_ids` (a sequence computed
         from position 0): one more reference each, so they are neither evicted nor reused.
         -> their block ids, in order (fewer than the full pages if part was not cached)."""
-        from vllm import SamplingParams
-        from vllm.v1.request import Request
-
-        if self.request_block_hasher is None:
-            raise RuntimeError("chunks need prefix caching: start vLLM with enable_prefix_caching=True")
-        request = Request("cascade-chunk-pin", list(token_ids), SamplingParams(max_tokens=1), None,
-                          block_hasher=self.request_block_hasher)
-        manager = self.scheduler.kv_cache_manager
-        if len(manager.kv_cache_config.kv_cache_groups) != 1:
-            raise RuntimeError("chunks support models with one KV-cache group")
+        manager, request = _chunk_request(self, "cascade-chunk-pin", token_ids)
         hit, _, _ = manager.coordinator.find_longest_cache_hit(request.block_hashes, len(token_ids))
         manager.block_pool.touch(hit[0])
         return [block.block_id for block in hit[0]]
@@ -219,6 +210,22 @@ def install_chunk_pins() -> None:
     EngineCore.cascade_kv_layout = cascade_kv_layout
     EngineCore.cascade_save_pages = cascade_save_pages
     EngineCore.cascade_load_pages = cascade_load_pages
+
+
+def _chunk_request(engine_core: Any, request_id: str, token_ids: list[int]) -> tuple[Any, Any]:
+    """(the scheduler's KV manager, a request over `token_ids` with the prefix cache's block hashes),
+    for the chunk utilities; refuses setups whose chunk pages these utilities cannot name."""
+    from vllm import SamplingParams
+    from vllm.v1.request import Request
+
+    if engine_core.request_block_hasher is None:
+        raise RuntimeError("chunks need prefix caching: start vLLM with enable_prefix_caching=True")
+    manager = engine_core.scheduler.kv_cache_manager
+    if len(manager.kv_cache_config.kv_cache_groups) != 1:
+        raise RuntimeError("chunks support models with one KV-cache group")
+    request = Request(request_id, list(token_ids), SamplingParams(max_tokens=1), None,
+                      block_hasher=engine_core.request_block_hasher)
+    return manager, request
 
 
 # Chunk persistence. The KV pages live in the workers' KV caches: `worker.model_runner.kv_caches`
@@ -317,18 +324,9 @@ def cascade_load_pages(self, token_ids: list[int], first_page: int, num_pages: i
     `KVCacheManager.cache_blocks` does after a prefill), so a request starting with these tokens
     hits them. -> the block ids of every full page of the sequence, each with one more reference
     (as `cascade_pin_prefix` returns them)."""
-    from vllm import SamplingParams
-    from vllm.v1.request import Request
-
-    if self.request_block_hasher is None:
-        raise RuntimeError("chunks need prefix caching: start vLLM with enable_prefix_caching=True")
-    manager = self.scheduler.kv_cache_manager
-    if len(manager.kv_cache_config.kv_cache_groups) != 1:
-        raise RuntimeError("chunks support models with one KV-cache group")
+    manager, request = _chunk_request(self, "cascade-chunk-load", token_ids)
     block_size = manager.kv_cache_config.kv_cache_groups[0].kv_cache_spec.block_size
     pool = manager.block_pool
-    request = Request("cascade-chunk-load", list(token_ids), SamplingParams(max_tokens=1), None,
-                      block_hasher=self.request_block_hasher)
     first, num_full = first_page, first_page + num_pages
     if num_full > len(token_ids) // block_size:
         raise ValueError(f"{num_full} full pages asked of a sequence of {len(token_ids)} tokens")

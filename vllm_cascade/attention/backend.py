@@ -179,8 +179,8 @@ class CascadeMetadataBuilder(AttentionMetadataBuilder[CascadeMetadata]):
         if table.device.type == "cpu":
             STATS.block_table_reads["cpu"] += 1
             return table.numpy()
-        mirror = vllm_compat.host_block_ids()
-        if mirror is not None and cm.req_idx is not None and len(mirror.tables) == 1:
+        mirror = _usable_mirror(cm)
+        if mirror is not None:
             STATS.block_table_reads["host_mirror"] += 1
             rows = np.zeros((len(table), mirror.tables[0].shape[1]), dtype=np.int32)  # padded rows: seq_len 0
             rows[: len(cm.req_idx)] = mirror.rows(0, cm.req_idx)
@@ -193,8 +193,8 @@ class CascadeMetadataBuilder(AttentionMetadataBuilder[CascadeMetadata]):
     def _reuse_key(cm: CommonAttentionMetadata, table: torch.Tensor) -> tuple | None:
         """Identifies a decode step's requests and their pages (DecodePlanReuse), where vLLM lets us:
         the rows' slots and the count of slot overwrites of the host mirror. None: plan afresh."""
-        mirror = vllm_compat.host_block_ids()
-        if table.device.type == "cpu" or mirror is None or cm.req_idx is None or len(mirror.tables) != 1:
+        mirror = _usable_mirror(cm)
+        if table.device.type == "cpu" or mirror is None:
             return None
         return cm.req_idx.tobytes(), mirror.overwrites
 
@@ -302,6 +302,15 @@ class CascadeImpl(AttentionImpl[CascadeMetadata]):
             )
         else:
             torch_attention.write_kv(key, value, k_cache, v_cache, slot_mapping)
+
+
+def _usable_mirror(cm: CommonAttentionMetadata) -> vllm_compat.HostBlockIds | None:
+    """The host mirror of the runner's block ids, if it describes this step's rows (model runner V2,
+    one KV-cache group: `cm.req_idx` names the rows' slots)."""
+    mirror = vllm_compat.host_block_ids()
+    if mirror is None or cm.req_idx is None or len(mirror.tables) != 1:
+        return None
+    return mirror
 
 
 def _layer_impls(vllm_config: VllmConfig, layer_names: list[str]) -> list[CascadeImpl]:

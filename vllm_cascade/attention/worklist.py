@@ -70,9 +70,14 @@ def build_worklist(
     seq_lens = np.asarray(seq_lens, dtype=np.int64)
     qsl = np.asarray(query_start_loc, dtype=np.int64)
     wide = max(wide_tokens_per_item or tokens_per_item, tokens_per_item)
-    if int(qsl[-1]) == len(seq_lens) and (np.diff(qsl) == 1).all():
+    if is_decode_step(qsl, len(seq_lens)):
         return _decode_worklist(plan, seq_lens, page_size, tokens_per_item, pages_per_item, wide)
     return _general_worklist(plan, seq_lens, qsl, page_size, tokens_per_item, pages_per_item, wide)
+
+
+def is_decode_step(query_start_loc: np.ndarray, num_rows: int) -> bool:
+    """One query token per row (row r's token is r)."""
+    return int(query_start_loc[-1]) == num_rows and bool((np.diff(query_start_loc) == 1).all())
 
 
 def _general_worklist(plan: CascadePlan, seq_lens: np.ndarray, qsl: np.ndarray, page_size: int, narrow: int,
@@ -225,8 +230,8 @@ def _shared_decode_items(plan: CascadePlan, page_size: int, narrow: int, pages_p
     return {
         "q_off": tile_off[tile], "q_len": tile_len[tile], "bt_row": np.array([t[1] for t in tiles], np.int64)[tile],
         "page_start": page_start, "kv_len": np.minimum(end[tile] - page_start, pages_per_item) * page_size,
-        "q_tokens": np.concatenate(tokens) if tokens else np.zeros(0, np.int64),
-        "row_token": np.concatenate([tokens[i] for i in tile]) if len(tile) else np.zeros(0, np.int64),
+        "q_tokens": np.concatenate(tokens) if tokens else _EMPTY,
+        "row_token": np.concatenate([tokens[i] for i in tile]) if len(tile) else _EMPTY,
         "num_wide": int(runs[: sum(t[4] for t in tiles)].sum()),
     }
 

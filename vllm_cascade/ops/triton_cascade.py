@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from vllm_cascade.attention.worklist import WorkList
+from vllm_cascade.attention.worklist import WorkList, is_decode_step
 
 NARROW_M = 16  # query rows (tokens x G) per program for decode-sized groups; tl.dot needs >= 16
 BLOCK_N = 32  # keys per inner step
@@ -251,7 +251,7 @@ class TritonCascade:
             self._image[offset : offset + len(array)] = array
         self._decode = None
         rows = len(seq_lens)
-        if int(query_start_loc[-1]) == rows and (np.diff(query_start_loc) == 1).all():  # a decode step
+        if is_decode_step(query_start_loc, rows):
             # Own items (causal) come last, each row's in row order; a row's last one holds its newest key.
             own = np.flatnonzero(wl.causal == 1)
             own_row = wl.bt_row[own]
@@ -268,7 +268,7 @@ class TritonCascade:
         shared, own_first_page, last_seq, last_item, pages_per_item = self._decode
         same_levels = (plan.shared is shared and plan.own_first_page is own_first_page) or (
             plan.is_flat and not shared)
-        if not same_levels or len(seq_lens) != len(last_seq) or int(query_start_loc[-1]) != len(seq_lens):
+        if not same_levels or len(seq_lens) != len(last_seq) or not is_decode_step(query_start_loc, len(seq_lens)):
             return False
         if not (seq_lens == last_seq + 1).all():
             return False
