@@ -112,9 +112,24 @@ def count_composition(counters: dict[str, int], chunk_tokens: int, num_cached_to
     counters["reused_tokens"] += min(num_cached_tokens or 0, chunk_tokens)
 
 
-def reuse_rate(counters: dict[str, int]) -> float:
-    """Share of composed chunk tokens that were reused rather than computed again."""
-    return counters["reused_tokens"] / counters["chunk_tokens"] if counters["chunk_tokens"] else 0.0
+def new_counters() -> dict[str, int]:
+    """What a chunk front end (ChunkStore, the HTTP ChunkService) measures, from zero."""
+    return dict.fromkeys(("compositions", "chunk_tokens", "reused_tokens", "prefilled_chunk_tokens", "saved_chunks",
+                          "reloaded_chunks", "reloaded_chunk_tokens", "rejected_chunk_files"), 0)
+
+
+def chunk_stats(registry: ChunkRegistry, counters: dict[str, int]) -> dict:
+    """Registry counters and pages, the front end's counters, and the share of composed chunk
+    tokens that were reused rather than computed again."""
+    rate = counters["reused_tokens"] / counters["chunk_tokens"] if counters["chunk_tokens"] else 0.0
+    return {**registry.stats(), **counters, "chunk_reuse_rate": rate}
+
+
+def encode_text(tokenizer: Any, text: str | None) -> list[int]:
+    """A chunk's or a tail's text as token ids (no special tokens: the text goes inside a prompt)."""
+    if text is None:
+        raise ChunkError("give a chunk's text or its token ids")
+    return list(tokenizer.encode(text, add_special_tokens=False))
 
 
 def chunk_json(chunk: Chunk) -> dict:
@@ -137,9 +152,7 @@ class ChunkStore:
         self.max_model_len = config.model_config.max_model_len
         self.registry = make_registry(config, self.kv_pages()["total"], self._unpin, page_budget, max_chunks,
                                       evict_lru, on_remove=self._forget)
-        self.counters = {"compositions": 0, "chunk_tokens": 0, "reused_tokens": 0, "prefilled_chunk_tokens": 0,
-                         "saved_chunks": 0, "reloaded_chunks": 0, "reloaded_chunk_tokens": 0,
-                         "rejected_chunk_files": 0}
+        self.counters = new_counters()
         if persistence_dir is None:
             from vllm_cascade.config import CascadeConfig
 
@@ -234,14 +247,12 @@ class ChunkStore:
     def stats(self) -> dict:
         """Registry counters and pages, plus how many chunk tokens compositions reused (measured from
         vLLM's cached-token counts) rather than computed."""
-        return {**self.registry.stats(), **self.counters, "chunk_reuse_rate": reuse_rate(self.counters)}
+        return chunk_stats(self.registry, self.counters)
 
     def _tokens(self, text: str | None, token_ids: Sequence[int] | None) -> list[int]:
         if token_ids is not None:
             return [int(t) for t in token_ids]
-        if text is None:
-            raise ChunkError("give a chunk's text or its token ids")
-        return list(self.llm.get_tokenizer().encode(text, add_special_tokens=False))
+        return encode_text(self.llm.get_tokenizer(), text)
 
     def _unpin(self, pages: list[int]) -> None:
         vllm_compat.call_engine_core(self.llm, "cascade_unpin_pages", pages)

@@ -53,11 +53,13 @@ from vllm_cascade.chunks.store import (
     ChunkConflict,
     ChunkSpec,
     chunk_json,
+    chunk_stats,
     composition_prompt,
     count_composition,
+    encode_text,
     make_registry,
+    new_counters,
     register_spec,
-    reuse_rate,
 )
 
 logger = logging.getLogger(__name__)
@@ -80,9 +82,7 @@ class ChunkService:
         self.registry = make_registry(config, total_pages, on_free=self._unpin.extend, on_remove=self._forget)
         # Chunks whose prefill and pinning are under way -> the error that ended them (None: fine).
         self._registering: dict[str, asyncio.Future[BaseException | None]] = {}
-        self.counters = {"compositions": 0, "chunk_tokens": 0, "reused_tokens": 0, "prefilled_chunk_tokens": 0,
-                         "saved_chunks": 0, "reloaded_chunks": 0, "reloaded_chunk_tokens": 0,
-                         "rejected_chunk_files": 0}
+        self.counters = new_counters()
         self.persistence: ChunkPersistence | None = None  # once `start_persistence` ran
 
     async def start_persistence(self, directory: str) -> None:
@@ -179,7 +179,7 @@ class ChunkService:
         return {**chunk_json(chunk), "status": "registering" if chunk.chunk_id in self._registering else "ready"}
 
     def stats(self) -> dict:
-        return {**self.registry.stats(), **self.counters, "chunk_reuse_rate": reuse_rate(self.counters)}
+        return chunk_stats(self.registry, self.counters)
 
     async def flush(self) -> None:
         if self._unpin:
@@ -187,9 +187,7 @@ class ChunkService:
             await vllm_compat.call_engine_core_async(self.engine, "cascade_unpin_pages", pages)
 
     def tokenize(self, text: str | None) -> list[int]:
-        if text is None:
-            raise ChunkError("give a chunk's text or its token ids")
-        return list(self.engine.get_tokenizer().encode(text, add_special_tokens=False))
+        return encode_text(self.engine.get_tokenizer(), text)
 
 
 class Composition:
