@@ -53,6 +53,7 @@ from dataclasses import dataclass
 import torch
 
 from vllm_cascade.chunks.layout import Composition
+from vllm_cascade.ops.fused_qwen3 import apply_rope_ref
 from vllm_cascade.ops.torch_attention import attend, gather_pages, merge
 
 
@@ -85,15 +86,8 @@ def rotate_query(
     sin(-x) = -sin x), so no cache entry for negative positions is needed.
     Shift 0 is the identity exactly (cos 0 = 1, sin 0 = 0). Returns float32 [T, n, head_dim].
     """
-    t = q.shape[0]
-    x = q.float().reshape(t, -1, head_dim)
-    shift = torch.as_tensor(shift, device=x.device).long().expand(t)
-    cos, sin = cos_sin_cache.index_select(0, shift.abs()).float().chunk(2, dim=-1)
-    sin = sin * shift.sign().float()[:, None]
-    cos, sin = cos[:, None, :], sin[:, None, :]
-    half = cos.shape[-1]
-    x1, x2, rest = x[..., :half], x[..., half : 2 * half], x[..., 2 * half :]
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest), dim=-1)
+    shift = torch.as_tensor(shift, device=q.device).long().expand(q.shape[0])
+    return apply_rope_ref(q, shift, cos_sin_cache, head_dim)  # the model's RoPE, at a signed position
 
 
 def attend_segment(

@@ -83,11 +83,23 @@ def inverse_rms(x: torch.Tensor, eps: float) -> torch.Tensor:
 
 def apply_rope_ref(x: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor, head_dim: int
                    ) -> torch.Tensor:
-    """Neox RoPE of [T, n * head_dim] (any float dtype) at `positions`; float32 out, shape [T, n, head_dim]."""
-    cos, sin = cos_sin_cache.index_select(0, positions.flatten()).float().chunk(2, dim=-1)
+    """Neox RoPE of [T, n * head_dim] or [T, n, head_dim] (any float dtype) at `positions` (one per
+    token); float32 out, shape [T, n, head_dim].
+
+    `cos_sin_cache` is vLLM's [max_position, rot_dim], cos in the first half, sin in the second;
+    the first rot_dim dims of each head rotate, the rest pass through (partial rotary). A negative
+    position rotates backwards (the cache at |p| with sin negated): how a cascade level shifts an
+    already rotated query to a chunk's offset (ops/chunk_attention.py).
+    """
+    positions = positions.flatten()
+    cos, sin = cos_sin_cache.index_select(0, positions.abs()).float().chunk(2, dim=-1)
+    if bool((positions < 0).any()):
+        sin = sin * positions.sign().float()[:, None]
     cos, sin = cos[:, None, :], sin[:, None, :]
-    x1, x2 = x.float().view(x.shape[0], -1, head_dim).chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    half = cos.shape[-1]
+    x = x.float().reshape(x.shape[0], -1, head_dim)
+    x1, x2, rest = x[..., :half], x[..., half : 2 * half], x[..., 2 * half :]
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest), dim=-1)
 
 
 def qk_norm_rope_ref(
