@@ -93,8 +93,7 @@ def apply_rope_ref(x: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torc
     """
     positions = positions.flatten()
     cos, sin = cos_sin_cache.index_select(0, positions.abs()).float().chunk(2, dim=-1)
-    if bool((positions < 0).any()):
-        sin = sin * positions.sign().float()[:, None]
+    sin = sin * positions.sign().float()[:, None]  # exact (x 1, or sin 0 at 0); no data-dependent branch to compile
     cos, sin = cos[:, None, :], sin[:, None, :]
     half = cos.shape[-1]
     x = x.float().reshape(x.shape[0], -1, head_dim)
