@@ -17,6 +17,7 @@ from sharing import random_batch
 
 from vllm_cascade.attention.plan import plan_cascade
 from vllm_cascade.attention.worklist import build_worklist
+from vllm_cascade.kv.chunk_pages import ChunkView
 from vllm_cascade.ops.torch_attention import attend, cascade_attention, gather_pages, merge
 
 ON_GPU = torch.cuda.is_available()
@@ -36,6 +37,35 @@ def batch(seed, g, d, page=8, max_levels=3, hkv=None):
     ref = torch.empty_like(q)
     cascade_attention(q, k, v, torch.from_numpy(table), seq_lens, qsl, plan, d**-0.5, ref)
     return rng, table, seq_lens, qsl, q, k, v, plan, ref
+
+
+def cos_sin(rot, max_pos=64):
+    """vLLM's cos_sin_cache [max_pos, rot]: cos of the angles, then sin."""
+    inv_freq = 1.0 / (1e4 ** (torch.arange(0, rot, 2, dtype=torch.float32) / rot))
+    freqs = torch.outer(torch.arange(max_pos, dtype=torch.float32), inv_freq)
+    return torch.cat((freqs.cos(), freqs.sin()), dim=-1)
+
+
+def random_chunks(rng, table, num_pages, page, rot, off_row=True, run=1) -> ChunkView:
+    """Random pads (page_valid in [1, page]) and shifts in [-40, 40] for a batch's pages. A shift
+    follows its physical page, so rows sharing a page agree and the page stays shareable; with
+    `off_row` one row's shifts differ, so the planner must keep that row out of shared levels.
+    Page 0 (the table's padding, where decode steps grow) stays full and unshifted. With `run` > 1,
+    runs of that many consecutive page ids share a shift (as a chunk's pages do), so many items have
+    one shift throughout (the kernel then rotates the query instead of the keys)."""
+    page_valid = np.where(rng.random(num_pages) < 0.5, page, rng.integers(1, page + 1, num_pages))
+    page_shift = rng.integers(-40, 41, -(-num_pages // run))[np.arange(num_pages) // run]
+    page_valid[0], page_shift[0] = page, 0
+    shifts = page_shift[table]
+    if off_row:
+        shifts[int(rng.integers(len(table)))] += rng.integers(-3, 4, table.shape[1])
+    return ChunkView(shifts.astype(np.int32), torch.from_numpy(page_valid.astype(np.int32)), cos_sin(rot))
+
+
+def reference(q, k, v, table, seq_lens, qsl, plan, chunks=None):
+    out = torch.empty_like(q)
+    cascade_attention(q, k, v, torch.from_numpy(table), seq_lens, qsl, plan, q.shape[-1] ** -0.5, out, chunks)
+    return out
 
 
 @pytest.mark.parametrize("seed", range(30))
@@ -101,12 +131,13 @@ def triton_cascade():
 
 @pytest.mark.skipif(ON_GPU or INTERPRETED, reason="the kernel cases run directly in this process")
 def test_fused_kernels_under_the_interpreter():
-    names = ("test_fused_kernels_match_reference", "test_triton_cascade_steps", "test_fixed_capacity")
+    names = ("test_fused_kernels_match_reference", "test_triton_cascade_steps", "test_fixed_capacity",
+             "test_chunked_kernels_match_reference", "test_chunk_flag_follows_each_step")
     cases = [f"{__file__}::{name}" for name in names]
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *cases]
     proc = subprocess.run(cmd, env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True,
                           timeout=600, cwd=os.path.dirname(__file__))
-    assert proc.returncode == 0 and "10 passed" in proc.stdout, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert proc.returncode == 0 and "17 passed" in proc.stdout, proc.stdout[-4000:] + proc.stderr[-2000:]
 
 
 @pytest.mark.skipif(not (ON_GPU or INTERPRETED), reason="needs a GPU or TRITON_INTERPRET=1 from process start")
@@ -178,6 +209,82 @@ def test_fixed_capacity(triton_cascade):
     assert stretched  # some step did not fit one page per item
 
 
+# (seed, G, head dim, rotary dim, decode step, wide_m, shift run): prefill steps (with wide and narrow
+# items) and decode steps, all with shared levels; GQA 1-4, partial rotary once; shifts per page (keys
+# rotated) or per run of pages (mostly one per item: the query rotated).
+CHUNK_CASES = [(29, 1, 16, 16, False, 32, 1), (11, 2, 32, 16, False, 32, 1), (2, 4, 16, 16, True, 16, 1),
+               (6, 4, 32, 32, False, 64, 1), (29, 2, 32, 16, False, 32, 6), (2, 4, 16, 16, True, 16, 6)]
+
+
+@pytest.mark.skipif(not (ON_GPU or INTERPRETED), reason="needs a GPU or TRITON_INTERPRET=1 from process start")
+@pytest.mark.parametrize("seed,g,d,rot,decode,wide_m,run", CHUNK_CASES)
+def test_chunked_kernels_match_reference(triton_cascade, seed, g, d, rot, decode, wide_m, run):
+    """Steps with chunks: pad slots dropped and keys shifted in shared and own, wide and narrow items."""
+    rng = np.random.default_rng(100 + seed)
+    table, seq_lens, query_lens, num_pages = random_batch(rng, 8, max_rows=6)
+    if decode:
+        query_lens = np.ones_like(query_lens)
+    qsl = np.concatenate([[0], np.cumsum(query_lens)])
+    chunks = random_chunks(rng, table, num_pages, 8, rot, run=run)
+    plan = plan_cascade(table, seq_lens, query_lens, 8, 3, min_saved_pages=1, min_saved_fraction=0.0,
+                        shifts=chunks.shifts)
+    assert plan.shared, "the case must have a shared level"
+    gen = torch.Generator().manual_seed(seed)
+    hkv = 2
+    k, v = torch.randn(2, num_pages, hkv, 8, d, generator=gen)
+    q = torch.randn(int(qsl[-1]), hkv * g, d, generator=gen)
+    device = "cuda" if ON_GPU else "cpu"
+    kernel = triton_cascade.TritonCascade(hkv * g, hkv, 8, d**-0.5, pages_per_item=2, device=device, head_dim=d,
+                                          wide_m=wide_m)
+    kernel.set_chunk_tables(chunks.page_valid.to(device), chunks.cos_sin_cache.to(device), 8, table.shape[1])
+    kernel.plan(plan, torch.from_numpy(table).to(device, torch.int32), seq_lens, qsl, chunks.shifts)
+    num_wide, num_items = kernel.worklist["item_range"][1:].tolist()
+    assert num_items > num_wide and (num_wide > 0 or decode)  # narrow items, and wide ones on prefill steps
+    out = torch.full_like(q, float("nan"), device=device)
+    kernel.run(q.to(device), k.to(device), v.to(device), out)
+    tol = 2e-3 if ON_GPU else 1e-4
+    ref = reference(q, k, v, table, seq_lens, qsl, plan, chunks)
+    torch.testing.assert_close(out.cpu(), ref, atol=tol, rtol=tol)
+    assert not torch.allclose(ref, reference(q, k, v, table, seq_lens, qsl, plan), atol=1e-2)  # chunks mattered
+
+
+@pytest.mark.skipif(not (ON_GPU or INTERPRETED), reason="needs a GPU or TRITON_INTERPRET=1 from process start")
+def test_chunk_flag_follows_each_step(triton_cascade):
+    """Fixed buffers (a graph captured on a plain step replays later ones): decode steps plain, then with
+    chunks, advanced or built afresh, then plain again; each step gets its own results."""
+    rng = np.random.default_rng(7)
+    page, g, d = 8, 2, 16
+    table, seq_lens, _, num_pages = random_batch(rng, page, max_rows=6)
+    rows = len(seq_lens)
+    qsl = np.arange(rows + 1)
+    chunks = random_chunks(rng, table, num_pages, page, d, off_row=False)  # planned alike with or without
+    gen = torch.Generator().manual_seed(7)
+    k, v = torch.randn(2, num_pages, 2, page, d, generator=gen)
+    q = torch.randn(rows, 2 * g, d, generator=gen)
+    device = "cuda" if ON_GPU else "cpu"
+    kernel = triton_cascade.TritonCascade(2 * g, 2, page, d**-0.5, pages_per_item=16, device=device, head_dim=d,
+                                          capacity={"tokens": 16, "rows": 64, "items": 64})
+    dev_table = torch.from_numpy(table).to(device, torch.int32)
+    plan, pointers = None, set()
+    # (with chunks, a fresh plan: built, not advanced)
+    for with_chunks, fresh in ((False, True), (True, False), (True, False), (False, True), (True, True)):
+        if plan is None or fresh:
+            plan = plan_cascade(table, seq_lens, np.ones(rows, np.int64), page, 3, min_saved_pages=1,
+                                min_saved_fraction=0.0)
+        if with_chunks and not kernel._has_chunk_tables:  # the first step runs on the stand-ins
+            kernel.set_chunk_tables(chunks.page_valid.to(device), chunks.cos_sin_cache.to(device), rows,
+                                    table.shape[1])
+        advanced = kernel.plan(plan, dev_table, seq_lens, qsl, chunks.shifts if with_chunks else None)
+        assert advanced != fresh
+        pointers.add((kernel.worklist["chunk_flag"].data_ptr(), kernel.partials[0].data_ptr()))
+        out = torch.full_like(q, float("nan"), device=device)
+        kernel.run(q.to(device), k.to(device), v.to(device), out)
+        ref = reference(q, k, v, table, seq_lens, qsl, plan, chunks if with_chunks else None)
+        torch.testing.assert_close(out.cpu(), ref, atol=2e-3 if ON_GPU else 1e-4, rtol=2e-3 if ON_GPU else 1e-4)
+        seq_lens = seq_lens + 1  # decode: each row one key further (page 0 where a row needs a new page)
+    assert plan.shared and len(pointers) == 1
+
+
 def _planned(tc) -> dict[str, list[int]]:
     """The work list a TritonCascade uploads (its buffer's used part, field by field)."""
     image, layout = tc._dev.numpy(), tc._layout
@@ -185,7 +292,7 @@ def _planned(tc) -> dict[str, list[int]]:
     items, tokens = int(field["item_range"][2]), int(field["num_tokens"][0])
     used = {"items": items, "tokens": tokens, "rows": int(field["contrib_off"][tokens])}
     sizes = {"q_tokens": int(field["q_off"][items - 1] + field["q_len"][items - 1]) if items else 0,
-             "contrib_off": tokens + 1, "item_range": 3, "num_tokens": 1}
+             "contrib_off": tokens + 1, "item_range": 3, "num_tokens": 1, "chunk_flag": 1}
     from vllm_cascade.ops.triton_cascade import _REGIONS
 
     return {name: field[name][: sizes.get(name, used.get(_REGIONS[name][0], 0))].tolist() for name in layout}

@@ -58,6 +58,8 @@ class CascadePlan:
     # Host data derived from the shared levels alone (work-list items), kept with them: a plan whose
     # levels are reused across decode steps reuses it too.
     cache: dict = field(default_factory=dict, compare=False, repr=False)
+    # [num_rows, P] key shift per block-table entry when the step reads chunk pages (kv/chunk_pages.py).
+    shifts: np.ndarray | None = field(default=None, compare=False, repr=False)
 
     @property
     def num_levels(self) -> int:
@@ -110,21 +112,21 @@ class DecodePlanReuse:
             return None
         plan = self.plan
         if plan.is_flat:
-            return flat_plan(seq_lens, block_size)
+            return flat_plan(seq_lens, block_size, plan.shifts)
         pages = _num_pages(seq_lens, block_size)
         flat_pages = int(pages.sum())
         pages_read = plan.shared_pages + int((pages - plan.own_first_page).sum())
         if flat_pages - pages_read < min_saved_fraction * flat_pages:
-            return flat_plan(seq_lens, block_size)  # own pages grew: sharing no longer pays
-        return CascadePlan(plan.shared, plan.own_first_page, pages_read, flat_pages, plan.cache)
+            return flat_plan(seq_lens, block_size, plan.shifts)  # own pages grew: sharing no longer pays
+        return CascadePlan(plan.shared, plan.own_first_page, pages_read, flat_pages, plan.cache, plan.shifts)
 
     def put(self, key: object, plan: CascadePlan, seq_lens: np.ndarray) -> None:
         self.key, self.plan, self.seq_lens = key, plan, seq_lens
 
 
-def flat_plan(seq_lens: np.ndarray, block_size: int) -> CascadePlan:
+def flat_plan(seq_lens: np.ndarray, block_size: int, shifts: np.ndarray | None = None) -> CascadePlan:
     pages = int(_num_pages(seq_lens, block_size).sum())
-    return CascadePlan([], np.zeros(len(seq_lens), dtype=np.int64), pages, pages)
+    return CascadePlan([], np.zeros(len(seq_lens), dtype=np.int64), pages, pages, shifts=shifts)
 
 
 def plan_cascade(
@@ -135,6 +137,7 @@ def plan_cascade(
     max_levels: int = 3,
     min_saved_pages: int = 64,
     min_saved_fraction: float = 0.1,
+    shifts: np.ndarray | None = None,
 ) -> CascadePlan:
     """Cut a step's block table into cascade levels.
 
@@ -149,6 +152,9 @@ def plan_cascade(
             segments or the own level, where it costs no extra pass.
         min_saved_fraction: below this share of the flat page reads saved, the
             whole step runs flat: extra passes and merges would cost more.
+        shifts: [num_rows, >= max pages] key rotation per block-table entry
+            (kv/chunk_pages.py), or None (all 0). A page is shared only by rows
+            that attend it at the same shift: a shared pass reads it once.
     """
     seq_lens = np.asarray(seq_lens, dtype=np.int64)
     query_lens = np.asarray(query_lens, dtype=np.int64)
@@ -157,8 +163,10 @@ def plan_cascade(
     # Pages wholly before a row's first query token: attendable without a mask.
     eligible = np.maximum(seq_lens - query_lens, 0) // block_size
     if num_rows < 2 or max_levels < 2 or int(eligible.max(initial=0)) == 0:
-        return flat_plan(seq_lens, block_size)
+        return flat_plan(seq_lens, block_size, shifts)
 
+    # What rows must agree on to share an entry: the page and, with chunks, its shift.
+    ident = block_table if shifts is None else block_table.astype(np.int64) * 2**32 + shifts[:, : block_table.shape[1]]
     levels: list[list[SharedSegment]] = [[] for _ in range(max_levels - 1)]
     own_first_page = np.zeros(num_rows, dtype=np.int64)
 
@@ -168,7 +176,7 @@ def plan_cascade(
         limit = int(eligible[rows].min())
         end = start
         if limit > start:
-            same = (block_table[rows, start:limit] == block_table[rows[0], start:limit]).all(0)
+            same = (ident[rows, start:limit] == ident[rows[0], start:limit]).all(0)
             end = start + (int(np.argmin(same)) if not same.all() else limit - start)
         saved = (len(rows) - 1) * (end - pending)
         if len(rows) > 1 and depth < max_levels - 1 and saved >= min_saved_pages:
@@ -183,7 +191,7 @@ def plan_cascade(
             return
         # Branch on the next page id; np.unique keeps groups in a stable order. Rows alone on their
         # page are done in one go (at batch 64 after a common prefix, that is every row).
-        _, group_of, group_size = np.unique(block_table[rest, end], return_inverse=True, return_counts=True)
+        _, group_of, group_size = np.unique(ident[rest, end], return_inverse=True, return_counts=True)
         alone = group_size[group_of] == 1
         own_first_page[rest[alone]] = pending
         for g in np.flatnonzero(group_size > 1):
@@ -195,8 +203,8 @@ def plan_cascade(
     own_pages = int((_num_pages(seq_lens, block_size) - own_first_page).sum())
     pages_read = shared_pages + own_pages
     if not levels or flat_pages - pages_read < min_saved_fraction * flat_pages:
-        return flat_plan(seq_lens, block_size)
-    return CascadePlan(levels, own_first_page, pages_read, flat_pages)
+        return flat_plan(seq_lens, block_size, shifts)
+    return CascadePlan(levels, own_first_page, pages_read, flat_pages, shifts=shifts)
 
 
 def _num_pages(seq_lens: np.ndarray, block_size: int) -> np.ndarray:

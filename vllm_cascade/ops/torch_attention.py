@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from vllm_cascade.attention.plan import CascadePlan
+from vllm_cascade.kv.chunk_pages import ChunkView
 
 
 def gather_pages(cache: torch.Tensor, pages: torch.Tensor, num_tokens: int) -> torch.Tensor:
@@ -42,12 +43,13 @@ def attend(
     v: torch.Tensor,
     scale: float,
     q_pos: torch.Tensor | None = None,
-    k_pos0: int = 0,
+    k_pos0: int | torch.Tensor = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of q [T, Hq, D] over k, v [Hkv, L, D] -> (out [T, Hq, D], lse [T, Hq]).
 
     With `q_pos` (absolute positions of the queries), key j sits at position
-    k_pos0 + j and is masked when it lies after the query (causal).
+    k_pos0 + j (or k_pos0[j], given the keys' positions) and is masked when it
+    lies after the query (causal).
     """
     t, hq, d = q.shape
     hkv, length = k.shape[0], k.shape[1]
@@ -55,7 +57,7 @@ def attend(
     qg = q.float().reshape(t, hkv, g, d).permute(1, 0, 2, 3).reshape(hkv, t * g, d)
     scores = torch.bmm(qg, k.float().transpose(1, 2)) * scale  # [Hkv, T*G, L]
     if q_pos is not None:
-        k_pos = k_pos0 + torch.arange(length, device=q.device)
+        k_pos = k_pos0 if isinstance(k_pos0, torch.Tensor) else k_pos0 + torch.arange(length, device=q.device)
         masked = k_pos[None, :] > q_pos.repeat_interleave(g)[:, None]
         scores = scores.masked_fill(masked[None], float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)  # -inf where a row sees no key
@@ -87,12 +89,14 @@ def cascade_attention(
     plan: CascadePlan,
     scale: float,
     out: torch.Tensor,
+    chunks: ChunkView | None = None,
 ) -> None:
     """Write attention of every request's queries over its KV into `out`.
 
     The own level runs per request, causally, over the pages from
     plan.own_first_page on; each shared segment runs once over its pages for
-    all its requests' queries and is merged in.
+    all its requests' queries and is merged in. With `chunks`, pad slots are
+    dropped and keys rotated by their page's shift first (kv/chunk_pages.py).
     """
     page = key_cache.shape[2]
     num_rows = len(seq_lens)
@@ -102,25 +106,18 @@ def cascade_attention(
         q0, q1 = int(query_start_loc[r]), int(query_start_loc[r + 1])
         seq_len, first = int(seq_lens[r]), int(plan.own_first_page[r])
         pages = block_table[r, first : (seq_len + page - 1) // page]
-        k0 = first * page
+        k, v, k_pos = _keys(key_cache, value_cache, pages, r, first, seq_len - first * page, chunks)
         q_pos = torch.arange(seq_len - (q1 - q0), seq_len, device=query.device)
-        o, lse = attend(
-            query[q0:q1],
-            gather_pages(key_cache, pages, seq_len - k0),
-            gather_pages(value_cache, pages, seq_len - k0),
-            scale,
-            q_pos=q_pos,
-            k_pos0=k0,
-        )
+        o, lse = attend(query[q0:q1], k, v, scale, q_pos=q_pos, k_pos0=k_pos)
         acc_out.append(o)
         acc_lse.append(lse)
     for level in plan.shared:
         for seg in level:
             rows = [int(r) for r in seg.rows]
             pages = torch.as_tensor(seg.pages, device=key_cache.device)
-            n = len(seg.pages) * page
+            k, v, _ = _keys(key_cache, value_cache, pages, rows[0], seg.first_page, len(seg.pages) * page, chunks)
             q = torch.cat([query[int(query_start_loc[r]) : int(query_start_loc[r + 1])] for r in rows])
-            o, lse = attend(q, gather_pages(key_cache, pages, n), gather_pages(value_cache, pages, n), scale)
+            o, lse = attend(q, k, v, scale)
             start = 0
             for r in rows:
                 length = int(query_start_loc[r + 1] - query_start_loc[r])
@@ -129,6 +126,26 @@ def cascade_attention(
                 start += length
     num_tokens = int(query_start_loc[num_rows])
     out[:num_tokens].copy_(torch.cat(acc_out).to(out.dtype).reshape(out[:num_tokens].shape))
+
+
+def _keys(k_cache: torch.Tensor, v_cache: torch.Tensor, pages: torch.Tensor, row: int, first_page: int,
+          num_keys: int, chunks: ChunkView | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Keys, values [H, L, D] and positions [L] of `num_keys` slots of `pages` (block-table entries
+    first_page.. of `row`); with chunks, without pad slots and with keys shifted."""
+    from vllm_cascade.ops.fused_qwen3 import apply_rope_ref
+
+    page = k_cache.shape[2]
+    k, v = gather_pages(k_cache, pages, num_keys), gather_pages(v_cache, pages, num_keys)
+    slot = torch.arange(num_keys, device=k.device)
+    pos = first_page * page + slot
+    if chunks is None:
+        return k, v, pos
+    col = slot // page
+    keep = (slot % page) < chunks.page_valid.to(k.device)[pages.long()][col]
+    shift = torch.from_numpy(chunks.shifts[row, first_page + col.cpu().numpy()].astype(np.int64)).to(k.device)
+    d = k.shape[-1]
+    k = apply_rope_ref(k.transpose(0, 1), shift, chunks.cos_sin_cache, d).transpose(0, 1)
+    return k[:, keep], v[:, keep], pos[keep]
 
 
 def write_kv(

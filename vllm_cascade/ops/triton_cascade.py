@@ -10,14 +10,20 @@ exactly. All three are persistent (a fixed grid striding over counts read
 from device memory), so a CUDA graph captured once replays any later step
 whose work list fits the same buffers.
 
+Composed requests (kv/chunk_pages.py): on a step whose work list has its
+`chunk_flag` set (device memory, so captured graphs follow it), every key
+block drops pad slots (`page_valid`) and is RoPE-rotated by its block-table
+entry's shift before the dot product, as ops/torch_attention.py's `_keys`.
+
 Runs under `TRITON_INTERPRET=1` on the CPU (that is how the tests check it
 without a GPU; set the variable before this module is imported).
 
 Example (see tests/test_triton_cascade.py for a complete, checked one):
     q [T, Hq, D]; k_cache, v_cache [pages, Hkv, N, D]; block_table [rows, P] int32 on the device
     kernel = TritonCascade(Hq, Hkv, N, scale, device="cuda", head_dim=D)
-    kernel.plan(plan, block_table, seq_lens, query_start_loc)   # once per step
-    kernel.run(q, k_cache, v_cache, out)                        # per layer
+    kernel.set_chunk_tables(page_valid, cos_sin_cache, max_rows, max_pages)  # once, for composed requests
+    kernel.plan(plan, block_table, seq_lens, query_start_loc, shifts)      # once per step (shifts or None)
+    kernel.run(q, k_cache, v_cache, out)                                   # per layer
 """
 
 from __future__ import annotations
@@ -38,13 +44,17 @@ def _partials_kernel(
     Q, K, V, BT, O_PART, L_PART,
     item_q_off, item_q_len, item_bt_row, item_page_start, item_kv_len, item_causal, item_part, item_range,
     q_tokens, q_pos,
+    chunk_flag, SHIFTS, PAGE_VALID, COS_SIN,
     sm_scale_log2,
-    stride_qt, stride_qh, stride_kp, stride_kh, stride_kn, stride_bt,
+    stride_qt, stride_qh, stride_kp, stride_kh, stride_kn, stride_bt, stride_sh, stride_cs,
     G: tl.constexpr, PAGE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ROT: tl.constexpr,
 ):  # fmt: skip
     # Persistent: the grid is fixed, programs stride over the items [range[0], range[1]) read from memory.
     h = tl.program_id(1)
     num_kv_heads = tl.num_programs(1)
+    # Read at run time, not specialized on: a graph captured on a plain step still applies chunks later.
+    chunked = tl.load(chunk_flag)
     for w in range(tl.load(item_range) + tl.program_id(0), tl.load(item_range + 1), tl.num_programs(0)):
         q_off = tl.load(item_q_off + w)
         q_len = tl.load(item_q_len + w)
@@ -63,28 +73,34 @@ def _partials_kernel(
         q = tl.load(Q + tok[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :], mask=row_ok[:, None],
                     other=0.0)  # fmt: skip
 
-        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_M], tl.float32)
-        acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-        k_pos0 = page_start * PAGE
-        for start in range(0, kv_len, BLOCK_N):
-            n = start + tl.arange(0, BLOCK_N)
-            n_ok = n < kv_len
-            page = tl.load(BT + bt_row * stride_bt + page_start + n // PAGE, mask=n_ok, other=0).to(tl.int64)
-            kv_off = page * stride_kp + h * stride_kh + (n % PAGE) * stride_kn
-            k = tl.load(K + kv_off[:, None] + d[None, :], mask=n_ok[:, None], other=0.0)
-            s = tl.dot(q, tl.trans(k)).to(tl.float32) * sm_scale_log2
-            ok = row_ok[:, None] & n_ok[None, :] & ((causal == 0) | ((k_pos0 + n)[None, :] <= pos[:, None]))
-            s = tl.where(ok, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that saw no key yet
-            p = tl.exp2(s - m_ref[:, None])
-            alpha = tl.exp2(m_i - m_ref)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(V + kv_off[:, None] + d[None, :], mask=n_ok[:, None], other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
-            m_i = m_new
-
+        # One uniform branch per item, so the plain loop has no chunk code: a branch per key block
+        # made wide tiles ~1.7x slower on an H100 even with the flag 0.
+        if chunked != 0:
+            # An item usually lies within one chunk (or the tail): one shift for all its keys. Then the
+            # query is rotated once instead (q . R(s)k = R(-s)q . k) and the loop only masks pads.
+            first = tl.load(SHIFTS + bt_row * stride_sh + page_start)
+            spread = tl.zeros([], tl.int32)
+            for start in range(0, kv_len, BLOCK_N):
+                n = start + tl.arange(0, BLOCK_N)
+                sh = tl.load(SHIFTS + bt_row * stride_sh + page_start + n // PAGE, mask=n < kv_len, other=first)
+                spread = tl.maximum(spread, tl.max(tl.abs(sh - first)))
+            if spread == 0:
+                q_row = Q + tok * stride_qt + head * stride_qh
+                q_first = _rotate_rows(q, q_row, tl.zeros([BLOCK_M], tl.int32) - first, row_ok, COS_SIN, stride_cs,
+                                       HEAD_DIM, ROT)
+                m_i, l_i, acc = _kv_run(q_first, pos, row_ok, causal, kv_len, page_start, bt_row, h, K, V, BT, SHIFTS,
+                                        PAGE_VALID, COS_SIN, sm_scale_log2, stride_kp, stride_kh, stride_kn,
+                                        stride_bt, stride_sh, stride_cs, PAGE, HEAD_DIM, BLOCK_M, BLOCK_N, ROT, True,
+                                        False)
+            else:
+                m_i, l_i, acc = _kv_run(q, pos, row_ok, causal, kv_len, page_start, bt_row, h, K, V, BT, SHIFTS,
+                                        PAGE_VALID, COS_SIN, sm_scale_log2, stride_kp, stride_kh, stride_kn,
+                                        stride_bt, stride_sh, stride_cs, PAGE, HEAD_DIM, BLOCK_M, BLOCK_N, ROT, True,
+                                        True)
+        else:
+            m_i, l_i, acc = _kv_run(q, pos, row_ok, causal, kv_len, page_start, bt_row, h, K, V, BT, SHIFTS,
+                                    PAGE_VALID, COS_SIN, sm_scale_log2, stride_kp, stride_kh, stride_kn, stride_bt,
+                                    stride_sh, stride_cs, PAGE, HEAD_DIM, BLOCK_M, BLOCK_N, ROT, False, False)
         seen = l_i > 0
         lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
         out = acc / tl.where(seen, l_i, 1.0)[:, None]
@@ -92,6 +108,64 @@ def _partials_kernel(
         slot = row * (num_kv_heads * G) + head
         tl.store(L_PART + slot, lse, mask=row_ok)
         tl.store(O_PART + slot[:, None] * HEAD_DIM + d[None, :], out, mask=row_ok[:, None])
+
+
+@triton.jit
+def _kv_run(
+    q, pos, row_ok, causal, kv_len, page_start, bt_row, h, K, V, BT, SHIFTS, PAGE_VALID, COS_SIN, sm_scale_log2,
+    stride_kp, stride_kh, stride_kn, stride_bt, stride_sh, stride_cs,
+    PAGE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROT: tl.constexpr,
+    CHUNKS: tl.constexpr, SHIFT_KEYS: tl.constexpr,
+):  # fmt: skip
+    """Online softmax of a query tile over one item's KV run -> (max, sum, unnormalized out), base 2.
+    With CHUNKS, pad slots are no keys, and with SHIFT_KEYS keys are shifted (module doc)."""
+    d = tl.arange(0, HEAD_DIM)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    k_pos0 = page_start * PAGE
+    for start in range(0, kv_len, BLOCK_N):
+        n = start + tl.arange(0, BLOCK_N)
+        n_ok = n < kv_len
+        page = tl.load(BT + bt_row * stride_bt + page_start + n // PAGE, mask=n_ok, other=0).to(tl.int64)
+        kv_off = page * stride_kp + h * stride_kh + (n % PAGE) * stride_kn
+        k = tl.load(K + kv_off[:, None] + d[None, :], mask=n_ok[:, None], other=0.0)
+        if CHUNKS:
+            n_ok = n_ok & ((n % PAGE) < tl.load(PAGE_VALID + page, mask=n_ok, other=0))  # pad slots
+        if SHIFT_KEYS:
+            shift = tl.load(SHIFTS + bt_row * stride_sh + page_start + n // PAGE, mask=n_ok, other=0)
+            k = _rotate_rows(k, K + kv_off, shift, n_ok, COS_SIN, stride_cs, HEAD_DIM, ROT)
+        s = tl.dot(q, tl.trans(k)).to(tl.float32) * sm_scale_log2
+        ok = row_ok[:, None] & n_ok[None, :] & ((causal == 0) | ((k_pos0 + n)[None, :] <= pos[:, None]))
+        s = tl.where(ok, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that saw no key yet
+        p = tl.exp2(s - m_ref[:, None])
+        alpha = tl.exp2(m_i - m_ref)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(V + kv_off[:, None] + d[None, :], mask=n_ok[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
+        m_i = m_new
+    return m_i, l_i, acc
+
+
+@triton.jit
+def _rotate_rows(k, k_ptr, shift, ok, COS_SIN, stride_cs, HEAD_DIM: tl.constexpr, ROT: tl.constexpr):
+    """Rows k [N, D] (keys or queries, at k_ptr [N] + d) rotated by `shift` [N] more positions,
+    neox style over the first ROT dims, in float32; back in k's dtype for the dot."""
+    HALF: tl.constexpr = ROT // 2
+    d = tl.arange(0, HEAD_DIM)
+    rotary = d < ROT
+    pair = tl.where(d < HALF, d + HALF, tl.where(rotary, d - HALF, d))
+    # The partner dims: a second load of the same cache lines.
+    k_pair = tl.load(k_ptr[:, None] + pair[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+    cs = COS_SIN + tl.abs(shift)[:, None] * stride_cs + (d % HALF)[None, :]
+    cs_ok = ok[:, None] & rotary[None, :]
+    cos = tl.load(cs, mask=cs_ok, other=1.0).to(tl.float32)  # dims >= ROT: cos 1, sin 0, unchanged
+    sin = tl.load(cs + HALF, mask=cs_ok, other=0.0).to(tl.float32)
+    # A negative shift rotates backwards (sin negated); the first half takes -partner * sin.
+    sin = sin * tl.where(shift < 0, -1.0, 1.0)[:, None] * tl.where(d < HALF, -1.0, 1.0)[None, :]
+    return (k.to(tl.float32) * cos + k_pair * sin).to(k.dtype)
 
 
 @triton.jit
@@ -105,7 +179,7 @@ def _merge_kernel(
     d = tl.arange(0, HEAD_DIM)
     for t in range(tl.program_id(0), tl.load(num_tokens_ptr), tl.num_programs(0)):
         m = tl.full([], float("-inf"), tl.float32)
-        l = tl.zeros([], tl.float32)  # noqa: E741
+        l = tl.zeros([], tl.float32)
         acc = tl.zeros([HEAD_DIM], tl.float32)
         for c in range(tl.load(contrib_off + t), tl.load(contrib_off + t + 1)):
             slot = tl.load(contrib_row + c) * num_heads + hq
@@ -114,7 +188,7 @@ def _merge_kernel(
             m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
             old, new = tl.exp2(m - m_ref), tl.exp2(lse - m_ref)
             acc = acc * old + tl.load(O_PART + slot * HEAD_DIM + d) * new
-            l = l * old + new  # noqa: E741
+            l = l * old + new
             m = m_new
         # A token that saw no key (a padded row under CUDA graphs) gets zeros, not NaN.
         tl.store(OUT + t * stride_ot + hq * stride_oh + d, (acc / tl.where(l > 0, l, 1.0)).to(OUT.dtype.element_ty))
@@ -131,28 +205,37 @@ def cascade_attention_triton(
     partials: tuple[torch.Tensor, torch.Tensor],
     wide_m: int,
     programs: int,
+    chunk_tables: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
 ) -> None:
     """q [T, Hq, D]; k/v caches [pages, Hkv, N, D] (same strides, last dim contiguous); out [T, Hq, D].
 
     `wl` holds a work list's fields as int32 device tensors, with `item_range` = [0, num_wide,
-    num_items] and `num_tokens`. Three persistent launches (wide items with `wide_m` query rows per
-    program, narrow items with NARROW_M, the merge), `programs` x heads programs each; the grids
-    do not depend on the step. `partials` = (o [rows, Hq, D], lse [rows, Hq]), float32.
+    num_items], `num_tokens` and `chunk_flag`. Three persistent launches (wide items with `wide_m`
+    query rows per program, narrow items with NARROW_M, the merge), `programs` x heads programs
+    each; the grids do not depend on the step. `partials` = (o [rows, Hq, D], lse [rows, Hq]),
+    float32. `chunk_tables` = (shifts [rows, P] int32 indexed like the block table, page_valid
+    [pages] int32, cos_sin_cache [positions, rot_dim]): read only where chunk_flag[0] != 0.
     """
     num_heads, head_dim = q.shape[1:]
     num_kv_heads, page = k_cache.shape[1], k_cache.shape[2]
     g = num_heads // num_kv_heads
     assert k_cache.stride() == v_cache.stride() and k_cache.stride(3) == 1 and g <= NARROW_M
     o_part, l_part = partials
+    shifts, page_valid, cos_sin = chunk_tables
+    assert cos_sin.shape[1] % 2 == 0 and 2 <= cos_sin.shape[1] <= head_dim
+    assert shifts.stride(1) == 1 and cos_sin.stride(1) == 1 and page_valid.dtype == torch.int32
     item_range = wl["item_range"]
     for block_m, bounds in ((wide_m, item_range[0:2]), (NARROW_M, item_range[1:3])):
         _partials_kernel[(programs, num_kv_heads)](
             q, k_cache, v_cache, block_table, o_part, l_part,
             wl["q_off"], wl["q_len"], wl["bt_row"], wl["page_start"], wl["kv_len"], wl["causal"], wl["item_part"],
             bounds, wl["q_tokens"], wl["q_pos"],
+            wl["chunk_flag"], shifts, page_valid, cos_sin,
             scale * 1.4426950408889634,
             q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_table.stride(0),
-            G=g, PAGE=page, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=BLOCK_N, num_warps=4 if block_m <= 64 else 8,
+            shifts.stride(0), cos_sin.stride(0),
+            G=g, PAGE=page, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=BLOCK_N, ROT=cos_sin.shape[1],
+            num_warps=4 if block_m <= 64 else 8,
         )  # fmt: skip
     _merge_kernel[(programs, num_heads)](
         o_part, l_part, out, wl["contrib_off"], wl["contrib_row"], wl["num_tokens"],
@@ -164,7 +247,7 @@ def cascade_attention_triton(
 _REGIONS = {"q_off": ("items", 0), "q_len": ("items", 0), "bt_row": ("items", 0), "page_start": ("items", 0),
             "kv_len": ("items", 0), "causal": ("items", 0), "item_part": ("items", 0), "q_tokens": ("rows", 0),
             "q_pos": ("tokens", 0), "contrib_off": ("tokens", 1), "contrib_row": ("rows", 0),
-            "item_range": (None, 3), "num_tokens": (None, 1)}
+            "item_range": (None, 3), "num_tokens": (None, 1), "chunk_flag": (None, 1)}
 
 
 class TritonCascade:
@@ -174,6 +257,11 @@ class TritonCascade:
     capacities (items, partial rows, tokens); the kernels are persistent, so
     their grids never depend on the step. Each step fills a pinned host copy
     (two alternate, an event guards reuse) and uploads it with one copy.
+
+    Steps with composed requests (kv/chunk_pages.py) pass their key shifts to
+    `plan`; they go to a persistent device table (see `set_chunk_tables`) and
+    the image's `chunk_flag` turns the pad mask and key rotation on for that
+    step, so one captured graph serves steps with and without chunks.
 
     Two ways to size the buffers:
     - `capacity=None`: they grow (to twice the need) when a step exceeds them;
@@ -205,15 +293,36 @@ class TritonCascade:
         self.last_pages_per_item = pages_per_item
         self._image = np.zeros(0, dtype=np.int32)  # the buffer's contents as last planned, on the host
         self._decode: tuple | None = None  # what the last decode step was planned from, to advance it
+        # Stand-ins until set_chunk_tables (never read: the flag stays 0): no shift, full pages, identity RoPE.
+        self._shifts = torch.zeros(1, 1, dtype=torch.int32, device=self.device)
+        self._page_valid = torch.full((1,), page_size, dtype=torch.int32, device=self.device)
+        self._cos_sin = torch.tensor([[1.0] * (head_dim // 2) + [0.0] * (head_dim // 2)], device=self.device)
+        self._has_chunk_tables = False
         if capacity is not None:
             self._allocate(capacity)
 
-    def plan(self, plan, block_table: torch.Tensor, seq_lens: np.ndarray, query_start_loc: np.ndarray) -> bool:
-        """Fill and upload this step's work list. -> True if it advanced the last decode step's work
+    def set_chunk_tables(self, page_valid: torch.Tensor, cos_sin_cache: torch.Tensor, max_rows: int,
+                         max_pages: int) -> None:
+        """Once, before any graph capture: the tables steps with chunks read. `page_valid` [num_pages]
+        int32 (keys per page; its owner updates it in place), vLLM's `cos_sin_cache` [max_position,
+        rot_dim], and room for shifts of up to max_rows rows x max_pages block-table entries."""
+        self._shifts = torch.zeros(max_rows, max_pages, dtype=torch.int32, device=self.device)
+        self._shifts_source, self._shifts_cols = None, 0
+        self._page_valid, self._cos_sin = page_valid, cos_sin_cache
+        self._has_chunk_tables = True
+
+    def plan(self, plan, block_table: torch.Tensor, seq_lens: np.ndarray, query_start_loc: np.ndarray,
+             shifts: np.ndarray | None = None) -> bool:
+        """Fill and upload this step's work list; `shifts` [rows, >= pages used] int32 are the key
+        shifts of a step with chunks (None: none). -> True if it advanced the last decode step's work
         list instead of building one (same requests, same levels, each one token further)."""
         advanced = self._advance(plan, seq_lens, query_start_loc)
         if not advanced:
             self._build(plan, seq_lens, query_start_loc)
+        # Set on every step, advanced or not: the flag is the only thing telling the kernel.
+        self._image[self._layout["chunk_flag"][0]] = int(shifts is not None)
+        if shifts is not None:
+            self._copy_shifts(shifts, seq_lens)
         host = self._next_host()
         np.copyto(host.numpy(), self._image)  # numpy: a fraction of torch's per-call cost
         if self.device.type == "cpu":
@@ -224,6 +333,26 @@ class TritonCascade:
             self._copied[self._turn].record()
         self.block_table = block_table
         return advanced
+
+    def _copy_shifts(self, shifts: np.ndarray, seq_lens: np.ndarray) -> None:
+        """Into the persistent table's rows [0, rows), the columns in use (the rest is never read)."""
+        if not self._has_chunk_tables:
+            raise RuntimeError("plan() got shifts before set_chunk_tables()")
+        rows = len(seq_lens)
+        cols = -(-int(np.max(seq_lens, initial=0)) // self.page_size)
+        if shifts.shape[0] < rows or shifts.shape[1] < cols:
+            raise ValueError(f"shifts {shifts.shape} do not cover {rows} rows x {cols} pages")
+        if rows > self._shifts.shape[0] or cols > self._shifts.shape[1]:
+            raise RuntimeError(f"shifts of {rows} x {cols} pages exceed the table {tuple(self._shifts.shape)}")
+        if shifts is self._shifts_source and cols <= self._shifts_cols:
+            return  # a decode step reusing the last plan: the same shifts are on the device
+        # A blocking copy from pageable memory, in stream order before this step's kernels. It waits for
+        # the device, so it is done only when the shifts change (new requests, a new plan).
+        # Columns past the pages in use too (the host rows are zeros there, as pages the rows grow
+        # into are): stale shifts of earlier requests are overwritten before they could be read.
+        cols = min(cols + 64, shifts.shape[1], self._shifts.shape[1])
+        self._shifts[:rows, :cols].copy_(torch.from_numpy(np.ascontiguousarray(shifts[:rows, :cols], np.int32)))
+        self._shifts_source, self._shifts_cols = shifts, cols
 
     def _build(self, plan, seq_lens: np.ndarray, query_start_loc: np.ndarray) -> None:
         from vllm_cascade.attention.worklist import build_worklist
@@ -246,8 +375,8 @@ class TritonCascade:
         self.last_pages_per_item = pages_per_item
         arrays = {name: getattr(wl, name) for name in WorkList.__dataclass_fields__ if name != "num_wide"}
         arrays.update(item_range=[0, wl.num_wide, wl.num_items], num_tokens=[len(wl.q_pos)])
-        for name, (offset, _) in self._layout.items():
-            array = arrays[name]
+        for name, array in arrays.items():  # all regions but chunk_flag, which plan() sets
+            offset = self._layout[name][0]
             self._image[offset : offset + len(array)] = array
         self._decode = None
         rows = len(seq_lens)
@@ -290,7 +419,8 @@ class TritonCascade:
 
     def run(self, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor) -> None:
         cascade_attention_triton(query, k_cache, v_cache, self.block_table, self.worklist, self.scale, out,
-                                 self.partials, self.wide_m, self.programs)
+                                 self.partials, self.wide_m, self.programs,
+                                 (self._shifts, self._page_valid, self._cos_sin))
 
     def _allocate(self, capacity: dict[str, int]) -> None:
         """New regions (pointers change: a captured graph must be captured again after this)."""
