@@ -32,11 +32,16 @@ def greedy(max_tokens: int = 16):
     return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
 
 
+def chunk_steps(engine) -> int:
+    """Steps whose attention read composed chunk pages (shifted or padded), over the engine's processes."""
+    return sum(s.get("chunk_steps", 0) for s in engine.stats())
+
+
 def test_registration_pins_pages_and_deletion_frees_them(store, tiny_model):
     before = store.kv_pages()["free"]
     tokens = window(tiny_model, 0, 200)
     chunk = store.register_chunk(token_ids=tokens, kind="system")
-    assert chunk.num_pages == 200 // PAGE and len(chunk.pages) == chunk.num_pages
+    assert chunk.num_pages == -(-200 // PAGE) and len(chunk.pages) == chunk.num_pages  # the last page padded
     assert store.kv_pages()["free"] == before - chunk.num_pages  # held by the chunk, not evictable
     again = store.register_chunk(token_ids=tokens)
     assert again is chunk and store.kv_pages()["free"] == before - chunk.num_pages
@@ -56,22 +61,44 @@ def test_chain_composition_reuses_pages_and_matches_stock(store, cascade_engine,
                           greedy())
     want = reference_engine.generate_ids([system + doc + tail, system + tail], max_tokens=16)
     assert [list(o.outputs[0].token_ids) for o in outs] == want
-    # Every full page of the chain came from the pinned pages, none was prefilled again.
-    assert outs[0].num_cached_tokens == (100 + 150) // PAGE * PAGE
-    assert outs[1].num_cached_tokens == 100 // PAGE * PAGE
+    # Every page of the chain came from the pinned pages (each chunk's last one padded), none was prefilled again.
+    assert outs[0].num_cached_tokens == (7 + 10) * PAGE
+    assert outs[1].num_cached_tokens == 7 * PAGE
     stats = store.stats()
-    assert stats["reused_tokens"] == 240 + 96 and stats["chunk_tokens"] == 250 + 100
+    assert stats["reused_tokens"] == stats["chunk_tokens"] == 250 + 100
     assert_plugin_ran(cascade_engine.stats())
+    assert chunk_steps(cascade_engine) > 0  # the pads were masked by the plugin's attention
 
 
-def test_other_orders_are_correct_and_counted_as_not_reused(store, reference_engine, tiny_model):
-    first, second, tail = window(tiny_model, 50, 64), window(tiny_model, 900, 80), window(tiny_model, 1300, 5)
+def test_any_order_reuses_every_chunk_page_and_equals_independent_composition(store, cascade_engine, tiny_model):
+    """Chunks registered alone, composed in both orders: no chunk token is computed again, and the
+    tokens are those of the Hugging Face reference composing the same chunks prefilled alone, keys
+    rotated to their true offsets (the exact meaning of an independent composition)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from vllm_cascade.testing.composition_ref import independent_greedy
+
+    first, second, tail = window(tiny_model, 50, 60), window(tiny_model, 900, 70), window(tiny_model, 1300, 5)
     a, b = store.register_chunks([ChunkSpec(token_ids=first), ChunkSpec(token_ids=second)], use_tqdm=False)
-    outs = store.generate([{"chunks": [b.chunk_id, a.chunk_id], "tail": tail}], greedy())
-    assert [list(outs[0].outputs[0].token_ids)] == reference_engine.generate_ids([second + first + tail], 16)
-    # b at offset 0 is a prefix hit; a after it is computed again (no query-shift path yet).
-    assert outs[0].num_cached_tokens == 80 // PAGE * PAGE
-    assert store.stats()["reused_tokens"] == 80 // PAGE * PAGE
+    before = chunk_steps(cascade_engine)
+    outs = store.generate([{"chunks": [b.chunk_id, a.chunk_id], "tail": tail},
+                           {"chunks": [a.chunk_id, b.chunk_id], "tail": tail}], greedy())
+    assert [o.num_cached_tokens for o in outs] == [(5 + 4) * PAGE] * 2  # every chunk page, pads included
+    assert store.stats()["reused_tokens"] == store.stats()["chunk_tokens"] == 2 * (60 + 70)
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model), dtype=torch.float32).eval()
+    with torch.no_grad():
+        want = [independent_greedy(model, [second, first], tail, 16), independent_greedy(model, [first, second], tail, 16)]
+    assert [list(o.outputs[0].token_ids) for o in outs] == want
+    assert chunk_steps(cascade_engine) > before
+
+
+def test_a_composition_without_tail_ends_on_a_real_token(store, reference_engine, tiny_model):
+    first = window(tiny_model, 400, 40)
+    a = store.register_chunk(token_ids=first)
+    outs = store.generate([{"chunks": [a.chunk_id], "tail": []}], greedy())
+    assert [list(outs[0].outputs[0].token_ids)] == reference_engine.generate_ids([first], 16)
+    assert outs[0].num_cached_tokens == 2 * PAGE  # its last page was computed again, from real tokens
 
 
 def test_bad_input_is_refused_and_changes_nothing(store, cascade_engine, tiny_model):
@@ -85,7 +112,7 @@ def test_bad_input_is_refused_and_changes_nothing(store, cascade_engine, tiny_mo
     assert store.get_chunk(a.chunk_id).holders == 0
     small = ChunkStore(cascade_engine.llm, page_budget=4)
     with pytest.raises(RegistryFull):
-        small.register_chunk(token_ids=window(tiny_model, 400, 100))  # 6 pages > 4
+        small.register_chunk(token_ids=window(tiny_model, 400, 100))  # 7 pages > 4
     assert small.list_chunks() == []
     store.delete_chunk(a.chunk_id)
     assert store.kv_pages()["free"] == before
@@ -98,7 +125,7 @@ def test_deleting_a_held_chunk_frees_its_pages_on_release(store, tiny_model):
     store.delete_chunk(a.chunk_id)
     with pytest.raises(UnknownChunk):
         store.generate([{"chunks": [a.chunk_id], "tail": [1]}], greedy())
-    assert store.kv_pages()["free"] == before - 4  # still pinned for its holder
+    assert store.kv_pages()["free"] == before - 4  # still pinned for its holder (64 tokens: 4 pages)
     store.registry.release([a.chunk_id])
     assert store.kv_pages()["free"] == before
 
@@ -129,7 +156,7 @@ def test_a_chain_pins_its_real_pages_once_and_deletes_leaf_first(cascade_engine,
     assert small.kv_pages()["free"] == before - 8
     tail = window(tiny_model, 1500, 7)
     outs = small.generate([{"chunks": [c.chunk_id for c in chain], "tail": tail}], greedy())
-    assert outs[0].num_cached_tokens == 128  # the whole chain came from its pinned pages
+    assert outs[0].num_cached_tokens == 128  # the whole chain came from its pinned pages (no pads: 32 each)
     assert [list(outs[0].outputs[0].token_ids)] == reference_engine.generate_ids([sum(parts, []) + tail], 16)
     # Budget full: a new chunk evicts the least recently used leaf (the chain's end), not its root.
     other = small.register_chunk(token_ids=window(tiny_model, 1200, 32))

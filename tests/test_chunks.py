@@ -138,14 +138,15 @@ def test_thread_safety_keeps_pages_accounted():
 
 
 def chain(reg, lengths, first_page=0):
-    """Register a chain of chunks of these own lengths; attach pages as the pin would return them
-    (the whole sequence's full pages, the chain's included) -> the chunks."""
+    """Register a chain of chunks of these own lengths; attach their own pages, as the pin returns
+    them -> the chunks."""
     chunks, tokens, parent = [], [], None
     for i, n in enumerate(lengths):
         context = len(tokens)
         tokens = tokens + [100 * (i + 1) + j for j in range(n)]
         chunk, _ = reg.register(tokens, parent=parent, context_len=context)
-        reg.attach_pages(chunk.chunk_id, list(range(first_page, first_page + len(tokens) // 4)))
+        reg.attach_pages(chunk.chunk_id, list(range(first_page + chunk.context_pages,
+                                                    first_page + chunk.context_pages + chunk.num_pages)))
         chunks.append(chunk)
         parent = chunk.chunk_id
     return chunks
@@ -155,13 +156,12 @@ def test_a_chain_pins_and_counts_only_its_own_pages():
     reg, freed = make(budget=100)
     a, b, c, d = chain(reg, [8, 8, 8, 8])  # 2 own pages each: 8 real pages, not 2 + 4 + 6 + 8
     assert [x.num_pages for x in (a, b, c, d)] == [2, 2, 2, 2] and reg.pages_pinned == 8
-    assert [x.pages for x in (a, b, c, d)] == [[0, 1], [2, 3], [4, 5], [6, 7]]
-    # The pin took one reference on the chain's pages too; those came back at once.
-    assert sorted(freed) == sorted([0, 1] + [0, 1, 2, 3] + [0, 1, 2, 3, 4, 5])
-    # Own tokens that share the parent's last partial page: that page is the child's.
+    assert [x.pages for x in (a, b, c, d)] == [[0, 1], [2, 3], [4, 5], [6, 7]] and freed == []
+    assert [r.chunk_id for r in reg.chain(c.chunk_id)] == [a.chunk_id, b.chunk_id, c.chunk_id]
+    # Every chunk's own tokens start on a page of their own: the parent's last page is padded.
     reg2, _ = make(budget=100)
-    p, q = chain(reg2, [6, 6])  # 6 tokens: 1 full page; 12 tokens: 3 full pages
-    assert (p.num_pages, q.num_pages, q.context_pages, q.pages) == (1, 2, 1, [1, 2])
+    p, q = chain(reg2, [6, 6])  # 6 tokens: 2 pages (2 pads); the child's 6 tokens: 2 more
+    assert (p.num_pages, q.num_pages, q.context_pages, q.pages) == (2, 2, 2, [2, 3])
 
 
 def test_a_parent_with_children_is_not_deleted_unless_cascade():

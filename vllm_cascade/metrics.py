@@ -21,6 +21,7 @@ multiprocess registry and these metrics are not exported).
     vllm:cascade_decode_worklists_advanced_total  decode steps whose work list was advanced, not built
     vllm:cascade_merge_inputs_total               partial results the exact merge combined, per layer (its
                                                   cost; the merge kernel's time is in benchmarks/RESULTS.md)
+    vllm:cascade_chunk_steps_total                steps that read composed chunk pages (shifted or padded)
 
 With the chunk HTTP API loaded (entrypoints/http.py), its registry too:
 
@@ -86,6 +87,8 @@ class CascadeCollector:
                       "advanced by a token instead of built.", stats["worklists_advanced"])
         yield counter("merge_inputs", "Partial attention results merged by log-sum-exp, per layer (one per "
                       "level a query token attended, or per KV run on the fused GPU path).", stats["merge_inputs"])
+        yield counter("chunk_steps", "Steps whose attention read chunk pages at shifted positions or with page "
+                      "padding (composed requests).", stats["chunk_steps"])
         yield from self._chunk_metrics(counter)
 
     @staticmethod

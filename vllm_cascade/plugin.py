@@ -16,7 +16,6 @@ def register_early() -> None:
     from vllm_cascade import vllm_compat
 
     vllm_compat.register_backend_name()
-    return None
 
 
 def register() -> None:
@@ -27,6 +26,7 @@ def register() -> None:
     vllm_compat.check_cascade_settings_at_config_time()
     vllm_compat.register_models()
     vllm_compat.mirror_block_tables()
+    vllm_compat.install_composed_hashing()
     vllm_compat.install_chunk_pins()
     stats.ensure_stats_dir()
     metrics.register_collector()

@@ -19,7 +19,14 @@ Porting to another vLLM version starts and, ideally, ends here. What is used:
 - `vllm.v1.engine.core.EngineCore`: gains `cascade_*` methods that the front
   process calls as engine-core utilities (`EngineCoreClient.call_utility`) to
   pin and unpin chunk pages in the scheduler's `KVCacheManager` (its block
-  pool's reference counts, the prefix cache's block hashes).
+  pool's reference counts, the prefix cache's block hashes); they reach the
+  workers with `model_executor.collective_rpc`.
+- `vllm.v1.engine.core.get_request_block_hasher` (the name `EngineCore.__init__`
+  calls): wrapped so that the engine core hashes a composed request's chunk
+  pages as they were cached (ComposedBlockHasher); the composition travels in
+  `SamplingParams.extra_args["cascade_chunks"]` (`vllm_xargs` over HTTP).
+- `vllm.model_executor.layers.rotary_embedding._ROPE_DICT`: the model's RoPE
+  table, with which the attention backend shifts chunk keys.
 - `vllm.entrypoints.openai.completion.api_router.create_completion` and
   `...chat_completion.api_router.create_chat_completion`: the chunk HTTP API
   (an endpoint plugin, vLLM's public plugin group) wraps them so that
@@ -46,7 +53,10 @@ BACKEND_CLASS_PATH = "vllm_cascade.attention.backend.CascadeBackend"
 
 def register_backend_name() -> None:
     """Add CASCADE to vLLM's backend enum (idempotent, no CUDA, cheap import)."""
-    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+    from vllm.v1.attention.backends.registry import (
+        AttentionBackendEnum,
+        register_backend,
+    )
 
     if BACKEND_NAME not in AttentionBackendEnum.__members__:
         register_backend(BACKEND_NAME, BACKEND_CLASS_PATH)
@@ -177,33 +187,119 @@ def mirror_block_tables(block_tables_cls=None) -> None:
 # -- chunk pages in the engine core -------------------------------------------------------------
 
 
+class ComposedBlockHasher:
+    """vLLM's request block hasher (`get_request_block_hasher`), aware of compositions.
+
+    A request whose `sampling_params.extra_args["cascade_chunks"]` lists "<chunk id>:<pages>"
+    (chunks/layout.py `ComposedPrompt`) gets, for its leading pages, the block hashes those chunks'
+    own pages were cached under when they were registered; vLLM's prefix cache then serves them
+    wherever they sit in the prompt. Its later pages chain from a hash of that list, so they never
+    match a plain sequence of the same tokens (their KV attended the chunks). Other requests (an
+    empty list too) are hashed by vLLM's function. `chunks` (chunk id -> its own pages' hashes) is
+    filled when chunks are pinned; entries stay (they are deterministic, and the front end lets
+    requests name only registered chunks)."""
+
+    def __init__(self, plain: Any, block_size: int, hash_fn: Any) -> None:
+        self.plain, self.block_size, self.hash_fn = plain, block_size, hash_fn
+        self.chunks: dict[str, list] = {}
+
+    def __call__(self, request: Any) -> list:
+        refs = composition_refs(request.sampling_params)
+        if not refs:
+            return self.plain(request)
+        lead = getattr(request, "_cascade_lead", None)  # fixed at the request's first hashing
+        if lead is None:
+            lead = []
+            for chunk_id, pages in refs:
+                hashes = self.chunks.get(chunk_id)
+                if hashes is None or pages > len(hashes):
+                    raise KeyError(f"chunk {chunk_id} (with {pages} pages) is not pinned in this engine")
+                lead += hashes[:pages]
+            request._cascade_lead = lead
+        from vllm.v1.core.kv_cache_utils import BlockHash, hash_block_tokens
+
+        bs, hashes = self.block_size, []
+        parent = request.block_hashes[-1] if request.block_hashes else None
+        for i in range(len(request.block_hashes), request.num_tokens // bs):
+            if i < len(lead):
+                block_hash = lead[i]
+            else:
+                if i == len(lead):
+                    parent = BlockHash(self.hash_fn(("cascade-composition", tuple(lead))))
+                block_hash = hash_block_tokens(self.hash_fn, parent, request.all_token_ids[i * bs : (i + 1) * bs])
+            hashes.append(block_hash)
+            parent = block_hash
+        return hashes
+
+
+def composition_refs(sampling_params: Any) -> list[tuple[str, int]]:
+    """The (chunk id, pages) a request's sampling params name, in order; [] for a plain request."""
+    extra = getattr(sampling_params, "extra_args", None) or {}
+    refs = []
+    for item in extra.get("cascade_chunks", ()):
+        chunk_id, _, pages = str(item).rpartition(":")
+        refs.append((chunk_id, int(pages)))
+    return refs
+
+
+def install_composed_hashing() -> None:
+    """Make the engine core build a ComposedBlockHasher (idempotent). Plugins load at the start of
+    `EngineCore.__init__`, before it calls `get_request_block_hasher`, a name it looks up in its module."""
+    from vllm.v1.engine import core
+
+    original = core.get_request_block_hasher
+    if getattr(original, "_cascade_wrapped", False):
+        return
+
+    def get_request_block_hasher(hash_block_size: int, caching_hash_fn: Any) -> ComposedBlockHasher:
+        return ComposedBlockHasher(original(hash_block_size, caching_hash_fn), hash_block_size, caching_hash_fn)
+
+    get_request_block_hasher._cascade_wrapped = True  # type: ignore[attr-defined]
+    core.get_request_block_hasher = get_request_block_hasher
+
+
 def install_chunk_pins() -> None:
     """Engine-core utilities for chunk pages (idempotent). They run in the engine core's
     loop between steps, where the scheduler and its KV manager live."""
     from vllm.v1.engine.core import EngineCore
 
-    if hasattr(EngineCore, "cascade_pin_prefix"):
+    if hasattr(EngineCore, "cascade_pin_chunk"):
         return
 
-    def cascade_pin_prefix(self, token_ids: list[int]) -> list[int]:
-        """Pin the full pages vLLM's prefix cache holds for `token_ids` (a sequence computed
-        from position 0): one more reference each, so they are neither evicted nor reused.
-        -> their block ids, in order (fewer than the full pages if part was not cached)."""
-        manager, request = _chunk_request(self, "cascade-chunk-pin", token_ids)
-        hit, _, _ = manager.coordinator.find_longest_cache_hit(request.block_hashes, len(token_ids))
-        manager.block_pool.touch(hit[0])
-        return [block.block_id for block in hit[0]]
+    def cascade_pin_chunk(self, chunk_id: str, token_ids: list[int], refs: list, valid: list[int]) -> list[int]:
+        """Pin a chunk just prefilled by its registration prompt (`token_ids`, composed of `refs`,
+        chunks/layout.py `registration_prompt`): its own pages, the `len(valid)` pages after the
+        referenced ones, get one more reference each (never evicted nor reused), their hashes go to
+        the block hasher and every worker learns how many keys each holds (`valid`) and where they
+        were rotated (kv/chunk_pages.py). -> their block ids."""
+        manager, request, hasher = _chunk_request(self, f"cascade-pin-{chunk_id}", token_ids, refs)
+        hit = manager.coordinator.find_longest_cache_hit(request.block_hashes, len(token_ids))[0][0]
+        first = sum(pages for _, pages in refs)
+        own = list(hit[first:])
+        if len(own) != len(valid):
+            raise RuntimeError(f"chunk {chunk_id}: {len(own)} of its {len(valid)} pages are cached after its prefill")
+        manager.block_pool.touch(own)
+        ids = [block.block_id for block in own]
+        try:
+            _annotate(self, ids, valid, first)
+        except BaseException:
+            manager.block_pool.free_blocks(own)
+            raise
+        hasher.chunks[chunk_id] = list(request.block_hashes[first : first + len(own)])
+        return ids
 
     def cascade_unpin_pages(self, block_ids: list[int]) -> None:
-        """Drop the references `cascade_pin_prefix` took; the pages stay cached until evicted."""
+        """Drop the references `cascade_pin_chunk` took and the pages' annotations; the pages stay
+        cached until evicted."""
         pool = self.scheduler.kv_cache_manager.block_pool
+        self.model_executor.collective_rpc(_worker_release_pages, args=(list(block_ids),))
         pool.free_blocks([pool.blocks[i] for i in block_ids])
 
     def cascade_kv_pages(self) -> dict[str, int]:
         pool = self.scheduler.kv_cache_manager.block_pool
         return {"free": pool.get_num_free_blocks(), "total": pool.num_gpu_blocks}
 
-    EngineCore.cascade_pin_prefix = cascade_pin_prefix
+    EngineCore.cascade_pin_chunk = cascade_pin_chunk
     EngineCore.cascade_unpin_pages = cascade_unpin_pages
     EngineCore.cascade_kv_pages = cascade_kv_pages
     # Chunk persistence (chunks/persist.py): copy pinned pages to files and back, on every worker.
@@ -212,20 +308,68 @@ def install_chunk_pins() -> None:
     EngineCore.cascade_load_pages = cascade_load_pages
 
 
-def _chunk_request(engine_core: Any, request_id: str, token_ids: list[int]) -> tuple[Any, Any]:
-    """(the scheduler's KV manager, a request over `token_ids` with the prefix cache's block hashes),
-    for the chunk utilities; refuses setups whose chunk pages these utilities cannot name."""
+def _chunk_request(engine_core: Any, request_id: str, token_ids: list[int], refs: list) -> tuple[Any, Any, Any]:
+    """(the scheduler's KV manager, a request over `token_ids` composed of `refs` with the block
+    hasher's hashes, the hasher), for the chunk utilities; refuses setups whose chunk pages these
+    utilities cannot name."""
     from vllm import SamplingParams
     from vllm.v1.request import Request
 
-    if engine_core.request_block_hasher is None:
+    hasher = engine_core.request_block_hasher
+    if hasher is None:
         raise RuntimeError("chunks need prefix caching: start vLLM with enable_prefix_caching=True")
+    if not isinstance(hasher, ComposedBlockHasher):
+        raise RuntimeError("the engine core's block hasher is not vllm-cascade's (was the plugin loaded?)")
     manager = engine_core.scheduler.kv_cache_manager
-    if len(manager.kv_cache_config.kv_cache_groups) != 1:
-        raise RuntimeError("chunks support models with one KV-cache group")
-    request = Request(request_id, list(token_ids), SamplingParams(max_tokens=1), None,
-                      block_hasher=engine_core.request_block_hasher)
-    return manager, request
+    groups = manager.kv_cache_config.kv_cache_groups
+    if len(groups) != 1 or groups[0].kv_cache_spec.block_size != hasher.block_size:
+        raise RuntimeError("chunks support models with one KV-cache group, hashed per page")
+    params = SamplingParams(max_tokens=1, extra_args={"cascade_chunks": [f"{c}:{n}" for c, n in refs]})
+    request = Request(request_id, list(token_ids), params, None, block_hasher=hasher)
+    return manager, request, hasher
+
+
+def _annotate(engine_core: Any, block_ids: list[int], valid: list[int], first_page: int) -> None:
+    """Tell every worker what the chunk pages `block_ids` hold: `valid` keys each, rotated from
+    (first_page + i) * page size on (their place in the registration prompt)."""
+    bs = engine_core.request_block_hasher.block_size
+    rot = [(first_page + i) * bs for i in range(len(block_ids))]
+    engine_core.model_executor.collective_rpc(_worker_annotate_pages, args=(list(block_ids), list(valid), rot))
+
+
+def _worker_annotate_pages(worker: Any, block_ids: list[int], valid: list[int], rot_start: list[int]) -> None:
+    from vllm_cascade.kv.chunk_pages import worker_chunk_pages
+
+    pages = worker_chunk_pages()
+    if pages is None:
+        raise RuntimeError("chunks need the CASCADE attention backend (--attention-backend cascade): "
+                           "no other backend masks their page padding or shifts their positions")
+    if pages.cos_sin_cache is None:
+        raise RuntimeError(f"chunks cannot be composed with this model: {pages.rope_problem}")
+    pages.annotate(block_ids, valid, rot_start)
+
+
+def model_rope_table(head_size: int) -> tuple[Any, str | None]:
+    """(the float32 cos/sin table of this process's model RoPE, None) if it is vLLM's plain neox
+    `RotaryEmbedding` (a chunk key shift is then one exact rotation), else (None, why not)."""
+    from vllm.model_executor.layers.rotary_embedding import _ROPE_DICT
+    from vllm.model_executor.layers.rotary_embedding.base import RotaryEmbedding
+
+    ropes = [r for r in _ROPE_DICT.values() if r.head_size == head_size]
+    if len(ropes) != 1:
+        return None, f"{len(ropes)} RoPE tables of head size {head_size} in this process (one expected)"
+    rope = ropes[0]
+    if type(rope) is not RotaryEmbedding or not rope.is_neox_style:
+        return None, f"its RoPE is {type(rope).__name__} (neox={rope.is_neox_style}); chunks need plain neox RoPE"
+    return rope._compute_cos_sin_cache(), None  # float32, computed as vLLM computes the model's
+
+
+def _worker_release_pages(worker: Any, block_ids: list[int]) -> None:
+    from vllm_cascade.kv.chunk_pages import worker_chunk_pages
+
+    pages = worker_chunk_pages()
+    if pages is not None:
+        pages.release(block_ids)
 
 
 # Chunk persistence. The KV pages live in the workers' KV caches: `worker.model_runner.kv_caches`
@@ -312,42 +456,43 @@ def cascade_save_pages(self, block_ids: list[int], stem: str) -> list[dict]:
     return self.model_executor.collective_rpc(_worker_save_pages, args=(list(block_ids), stem))
 
 
-def cascade_load_pages(self, token_ids: list[int], first_page: int, num_pages: int, stem: str,
+def cascade_load_pages(self, chunk_id: str, token_ids: list[int], refs: list, valid: list[int], stem: str,
                        sha256: dict) -> list[int]:
-    """Engine-core utility: put a saved chunk's pages back into vLLM's prefix cache, pinned.
+    """Engine-core utility: put a saved chunk's own pages back into vLLM's prefix cache, pinned, as
+    `cascade_pin_chunk` leaves them after a prefill (hashes, annotations), without the prefill.
 
-    `token_ids` is the chunk's whole sequence (its parent chain's tokens first); the files hold its
-    full pages [first_page, first_page + num_pages), the ones before must be cached (the parent's,
-    pinned; `sha256`: rank (str) -> the checksum of that rank's file). Pages
-    already cached are taken as they are; the others get new blocks, filled from the files on every
-    rank, then entered into the prefix cache under the request block hasher's hashes (as
-    `KVCacheManager.cache_blocks` does after a prefill), so a request starting with these tokens
-    hits them. -> the block ids of every full page of the sequence, each with one more reference
-    (as `cascade_pin_prefix` returns them)."""
-    manager, request = _chunk_request(self, "cascade-chunk-load", token_ids)
-    block_size = manager.kv_cache_config.kv_cache_groups[0].kv_cache_spec.block_size
+    `token_ids`, `refs`: the chunk's registration prompt (its parents' pages must be cached: load
+    them first); the files hold its `len(valid)` own pages (`sha256`: rank (str) -> the checksum of
+    that rank's file). Pages already cached are taken as they are; the others get new blocks,
+    filled from the files on every rank, then entered into the prefix cache under the block
+    hasher's hashes (as `KVCacheManager.cache_blocks` does after a prefill). -> their block ids."""
+    manager, request, hasher = _chunk_request(self, f"cascade-load-{chunk_id}", token_ids, refs)
     pool = manager.block_pool
-    first, num_full = first_page, first_page + num_pages
-    if num_full > len(token_ids) // block_size:
-        raise ValueError(f"{num_full} full pages asked of a sequence of {len(token_ids)} tokens")
-    hit = list(manager.coordinator.find_longest_cache_hit(request.block_hashes, num_full * block_size)[0][0])
+    first = sum(pages for _, pages in refs)
+    num_full = first + len(valid)
+    if num_full * hasher.block_size != len(token_ids):
+        raise ValueError(f"{len(valid)} pages after {first} do not end the {len(token_ids)}-token prompt")
+    hit = list(manager.coordinator.find_longest_cache_hit(request.block_hashes, len(token_ids))[0][0])
     if len(hit) < first:
         raise RuntimeError(f"the {first} pages before the saved ones are not cached ({len(hit)} are): "
                            "load the parent chunk first")
     missing = num_full - len(hit)
     if missing > pool.get_num_free_blocks():
         raise RuntimeError(f"{missing} free KV pages needed to load the chunk, {pool.get_num_free_blocks()} free")
-    pool.touch(hit)
+    pool.touch(hit[first:])
     new = pool.get_new_blocks(missing) if missing else []
+    own = hit[first:] + new
     try:
         if new:
             self.model_executor.collective_rpc(_worker_load_pages, args=(
                 [b.block_id for b in new], stem, dict(sha256), len(hit) - first))
+        _annotate(self, [b.block_id for b in own], valid, first)
     except BaseException:
-        pool.free_blocks(new + hit)  # nothing was cached under a hash: the new blocks are plain free blocks
+        pool.free_blocks(own)  # nothing was cached under a hash: the new blocks are plain free blocks
         raise
-    pool.cache_full_blocks(request, hit + new, len(hit), num_full, block_size, 0)
-    return [b.block_id for b in hit + new]
+    pool.cache_full_blocks(request, hit + new, len(hit), num_full, hasher.block_size, 0)
+    hasher.chunks[chunk_id] = list(request.block_hashes[first:num_full])
+    return [b.block_id for b in own]
 
 
 def kv_bytes_per_token(vllm_config: Any) -> int:
@@ -377,7 +522,9 @@ def completion_endpoint() -> tuple[Any, Any]:
 
 def chat_endpoint() -> tuple[Any, Any]:
     """vLLM's /v1/chat/completions route function and its request model, which the chunk API wraps."""
-    from vllm.entrypoints.openai.chat_completion.api_router import create_chat_completion
+    from vllm.entrypoints.openai.chat_completion.api_router import (
+        create_chat_completion,
+    )
     from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
 
     return create_chat_completion, ChatCompletionRequest

@@ -32,8 +32,14 @@ from vllm.v1.attention.backend import (
 from vllm.v1.kv_cache_layout import KVCacheLayout
 
 from vllm_cascade import BACKEND_NAME, vllm_compat
-from vllm_cascade.attention.plan import CascadePlan, DecodePlanReuse, flat_plan, plan_cascade
+from vllm_cascade.attention.plan import (
+    CascadePlan,
+    DecodePlanReuse,
+    flat_plan,
+    plan_cascade,
+)
 from vllm_cascade.config import SUPPORTED_HEAD_SIZES, CascadeConfig
+from vllm_cascade.kv.chunk_pages import ChunkView, init_worker_chunk_pages
 from vllm_cascade.ops import torch_attention
 from vllm_cascade.stats import STATS
 
@@ -53,11 +59,11 @@ class CascadeBackend(AttentionBackend):
         return BACKEND_NAME
 
     @staticmethod
-    def get_impl_cls() -> type["CascadeImpl"]:
+    def get_impl_cls() -> type[CascadeImpl]:
         return CascadeImpl
 
     @staticmethod
-    def get_builder_cls() -> type["CascadeMetadataBuilder"]:
+    def get_builder_cls() -> type[CascadeMetadataBuilder]:
         return CascadeMetadataBuilder
 
     @classmethod
@@ -84,7 +90,8 @@ class CascadeMetadata:
     seq_lens: np.ndarray  # host [num_rows]
     block_table: torch.Tensor  # [num_rows, max_pages], on the KV cache's device
     plan: CascadePlan
-    kernel: "FlashInferCascade | TritonCascade | None"  # the builder's GPU path, planned for this step
+    kernel: FlashInferCascade | TritonCascade | None  # the builder's GPU path, planned for this step
+    chunks: ChunkView | None = None  # the step reads chunk pages (torch path; the kernels hold their own)
 
 
 class CascadeMetadataBuilder(AttentionMetadataBuilder[CascadeMetadata]):
@@ -104,15 +111,28 @@ class CascadeMetadataBuilder(AttentionMetadataBuilder[CascadeMetadata]):
         self.kernel: FlashInferCascade | None = None  # steps with prefill (and all steps with "flashinfer")
         self.decode_kernel: TritonCascade | None = None  # decode steps, fixed buffers (CUDA graphs)
         self.reuse = DecodePlanReuse()  # decode steps of unchanged requests plan once
+        impl = _layer_impls(vllm_config, layer_names)[0]
+        # Chunk pages of this worker's KV cache (annotated by the engine core through RPCs).
+        num_pages = vllm_config.cache_config.num_gpu_blocks or 0
+        self.chunk_pages = init_worker_chunk_pages(num_pages, self.page_size, device)
+        if self.chunk_pages.cos_sin_cache is None:
+            table, problem = vllm_compat.model_rope_table(impl.head_size)
+            self.chunk_pages.cos_sin_cache = None if table is None else table.to(device)
+            self.chunk_pages.rope_problem = problem
+        self.chunk_kernel: TritonCascade | None = None  # GPU steps with prefill that read chunk pages
         if device.type == "cuda":
             from vllm_cascade.ops.flashinfer_attention import FlashInferCascade
+            from vllm_cascade.ops.triton_cascade import TritonCascade
 
-            impl = _layer_impls(vllm_config, layer_names)[0]
             self.kernel = FlashInferCascade(device, impl.num_heads, impl.num_kv_heads, impl.head_size, self.page_size,
                                             vllm_config.model_config.dtype, impl.scale, self.config.max_cascade_levels)
+            max_pages = -(-vllm_config.model_config.max_model_len // self.page_size)
+            max_rows = vllm_config.scheduler_config.max_num_seqs
+            # FlashInfer cannot shift keys per page nor mask pads: such steps run the Triton kernels.
+            self.chunk_kernel = TritonCascade(impl.num_heads, impl.num_kv_heads, self.page_size, impl.scale,
+                                              device=device, head_dim=impl.head_size)
+            self._set_chunk_tables(self.chunk_kernel, max_rows, max_pages)
             if self.config.gpu_kernel == "triton":
-                from vllm_cascade.ops.triton_cascade import TritonCascade
-
                 # Any decode step fits: one token per request. One KV run per (tile, level) always
                 # fits these rows and items; the slack lets long contexts split over more programs.
                 tokens = max(vllm_config.scheduler_config.max_num_seqs,
@@ -121,6 +141,7 @@ class CascadeMetadataBuilder(AttentionMetadataBuilder[CascadeMetadata]):
                 self.decode_kernel = TritonCascade(impl.num_heads, impl.num_kv_heads, self.page_size, impl.scale,
                                                    device=device, head_dim=impl.head_size,
                                                    capacity={"tokens": tokens, "rows": runs, "items": runs})
+                self._set_chunk_tables(self.decode_kernel, max(tokens, max_rows), max_pages)
 
     def build(
         self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata, fast_build: bool = False
@@ -138,16 +159,21 @@ class CascadeMetadataBuilder(AttentionMetadataBuilder[CascadeMetadata]):
         reuse_key = self._reuse_key(cm, block_table) if is_decode else None
         plan = self.reuse.get(reuse_key, seq_lens, self.page_size, self.config.min_saved_fraction)
         if plan is None:
-            plan = flat_plan(seq_lens, self.page_size)
+            host_table = shifts = None
+            if self.chunk_pages.count:  # chunk pages exist: does this step read any?
+                host_table = self._host_block_table(cm, block_table)
+                shifts = self.chunk_pages.shifts(host_table, seq_lens)
+            plan = flat_plan(seq_lens, self.page_size, shifts)
             if self._may_share(seq_lens, query_lens):
                 plan = plan_cascade(
-                    self._host_block_table(cm, block_table),
+                    host_table if host_table is not None else self._host_block_table(cm, block_table),
                     seq_lens,
                     query_lens,
                     self.page_size,
                     self.config.max_cascade_levels,
                     self.config.min_saved_pages,
                     self.config.min_saved_fraction,
+                    shifts,
                 )
             self.reuse.put(reuse_key, plan, seq_lens)
         else:
@@ -158,8 +184,16 @@ class CascadeMetadataBuilder(AttentionMetadataBuilder[CascadeMetadata]):
         decode = self.decode_kernel
         if decode is not None and is_decode and query_start_loc[-1] <= decode.capacity["tokens"]:
             kernel = decode  # also the buffers a captured decode graph reads
-        if kernel is not None and kernel.plan(plan, block_table, seq_lens, query_start_loc):
-            STATS.worklists_advanced += 1
+        elif plan.shifts is not None and kernel is not None:
+            kernel = self.chunk_kernel
+        if kernel is not None:
+            chunk_args = {"shifts": plan.shifts} if kernel.name == "triton" else {}  # FlashInfer steps have none
+            if kernel.plan(plan, block_table, seq_lens, query_start_loc, **chunk_args):
+                STATS.worklists_advanced += 1
+        chunks = None
+        if plan.shifts is not None:
+            STATS.chunk_steps += 1
+            chunks = ChunkView(plan.shifts, self.chunk_pages.valid_device, self.chunk_pages.cos_sin_cache)
         # Partial results merged this step: the fused path's (levels and KV runs), else one per level a token saw.
         merged = getattr(kernel, "partial_rows", None)
         STATS.merge_inputs += merged if merged is not None else (sum(level_queries) if plan.num_levels > 1 else 0)
@@ -171,7 +205,12 @@ class CascadeMetadataBuilder(AttentionMetadataBuilder[CascadeMetadata]):
             block_table=block_table,
             plan=plan,
             kernel=kernel,
+            chunks=chunks,
         )
+
+    def _set_chunk_tables(self, kernel: TritonCascade, max_rows: int, max_pages: int) -> None:
+        if self.chunk_pages.cos_sin_cache is not None:
+            kernel.set_chunk_tables(self.chunk_pages.valid_device, self.chunk_pages.cos_sin_cache, max_rows, max_pages)
 
     @staticmethod
     def _host_block_table(cm: CommonAttentionMetadata, table: torch.Tensor) -> np.ndarray:
@@ -189,14 +228,14 @@ class CascadeMetadataBuilder(AttentionMetadataBuilder[CascadeMetadata]):
         STATS.block_table_reads["device_copy"] += 1
         return table.cpu().numpy()
 
-    @staticmethod
-    def _reuse_key(cm: CommonAttentionMetadata, table: torch.Tensor) -> tuple | None:
+    def _reuse_key(self, cm: CommonAttentionMetadata, table: torch.Tensor) -> tuple | None:
         """Identifies a decode step's requests and their pages (DecodePlanReuse), where vLLM lets us:
-        the rows' slots and the count of slot overwrites of the host mirror. None: plan afresh."""
+        the rows' slots, the count of slot overwrites of the host mirror and the chunk pages'
+        version (their shifts). None: plan afresh."""
         mirror = _usable_mirror(cm)
         if table.device.type == "cpu" or mirror is None:
             return None
-        return cm.req_idx.tobytes(), mirror.overwrites
+        return cm.req_idx.tobytes(), mirror.overwrites, self.chunk_pages.version
 
     def _may_share(self, seq_lens: np.ndarray, query_lens: np.ndarray) -> bool:
         """Cheap test before reading the block table: could any sharing pay?"""
@@ -275,6 +314,7 @@ class CascadeImpl(AttentionImpl[CascadeMetadata]):
                 attn_metadata.plan,
                 self.scale,
                 out,
+                attn_metadata.chunks,
             )
         STATS.layer_calls += 1
         return output

@@ -25,6 +25,7 @@ import hashlib
 import json
 import logging
 import os
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -77,7 +78,7 @@ class SavedChunk:
     parent: str | None
     kind: str
     label: str | None
-    num_pages: int  # pages in the rank files: the chunk's own full pages from context_pages on
+    num_pages: int  # pages in the rank files: the chunk's own pages (the last one padded)
     sha256: dict[str, str]  # rank -> SHA-256 of its file
     problem: str | None
 
@@ -249,10 +250,15 @@ class ChunkPersistence:
                                                 saved.context_len)
         if not created:
             return None
+        from vllm_cascade.chunks.store import registration
+
         self._loading.add(chunk.chunk_id)
         try:
-            pages = self.call_engine_core("cascade_load_pages", saved.token_ids, saved.context_pages,
-                                          saved.num_pages, self.files.stem(saved.chunk_id), saved.sha256)
+            if saved.num_pages != chunk.num_pages:
+                raise ValueError(f"{saved.num_pages} pages saved, the chunk has {chunk.num_pages} (another layout)")
+            prompt, valid = registration(self.registry, chunk, sys.maxsize)
+            pages = self.call_engine_core("cascade_load_pages", chunk.chunk_id, prompt.token_ids, prompt.refs, valid,
+                                          self.files.stem(saved.chunk_id), saved.sha256)
             self.registry.attach_pages(chunk.chunk_id, pages)
         except Exception as exc:  # the engine refused (a worker's check, no free pages, ...)
             if not chunk.deleted:

@@ -15,9 +15,9 @@ Rules:
 - a request holds its chunks from `acquire` to `release`; deleting a held chunk
   hides it at once (unknown to new requests) and frees its pages when the last
   holder releases it;
-- a chain (a chunk registered with `parent=`) pins and counts only its own
-  pages, those past its parent chain's full pages: the chain's pages are the
-  parent's, pinned once, by the parent. So a parent lives as long as it has
+- a chunk pins its own tokens' pages, the last one padded (chunks/layout.py);
+  a chain (a chunk registered with `parent=`) pins and counts only those: the
+  chain's pages are the parent's, pinned once, by the parent. So a parent lives as long as it has
   children: deleting it raises `ChunkInUse` (409, as `docker rmi` refuses an
   image with dependent child images) unless `cascade=True` deletes its
   descendants too, and eviction picks only leaves (chunks without children).
@@ -25,14 +25,14 @@ Rules:
 Example:
     >>> freed = []
     >>> reg = ChunkRegistry("qwen3-tiny", page_size=4, page_budget=6, on_free=freed.extend)
-    >>> a, new = reg.register(list(range(10)), kind="system")  # 2 full pages of 4, 2 tokens left over
+    >>> a, new = reg.register(list(range(10)), kind="system")  # pages of 4: 4 + 4 + 2 (and 2 pads)
     >>> new, a.num_pages, reg.register(list(range(10)))[1]
-    (True, 2, False)
-    >>> reg.attach_pages(a.chunk_id, [7, 8])
+    (True, 3, False)
+    >>> reg.attach_pages(a.chunk_id, [7, 8, 9])
     >>> _ = reg.acquire([a.chunk_id]); _ = reg.delete(a.chunk_id); freed
     []
     >>> reg.release([a.chunk_id]); freed
-    [7, 8]
+    [7, 8, 9]
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ class Chunk:
     created: float = field(default_factory=time.time)
     parent: str | None = None  # the chunk whose context it was registered in (a chain)
     context_len: int = 0  # leading tokens of token_ids that are the parent chain's, not its own
-    context_pages: int = 0  # full pages of those: pinned by the parent chain, not by this chunk
+    context_pages: int = 0  # the parent chain's pages (each chunk's padded): pinned by the chain, not by this chunk
     pages: list[int] = field(default_factory=list)  # physical KV pages, once prefilled
     holders: int = 0  # running requests that use it
     deleted: bool = False  # hidden; pages freed when holders reaches 0
@@ -162,10 +162,9 @@ class ChunkRegistry:
         """-> (chunk, created). An existing chunk of the same content is returned, not re-made.
 
         `token_ids` is all the chunk's KV depends on: for a chain, the parent's tokens first
-        (`context_len` of them). Its pages are the full pages of that sequence past the parent's
-        (a last partial page is not kept: it is computed again with each request)."""
-        if not token_ids:
-            raise ChunkError("a chunk needs at least one token")
+        (`context_len` of them). It pins its own tokens' pages, the last one padded (chunks/layout.py)."""
+        if len(token_ids) <= context_len:
+            raise ChunkError("a chunk needs at least one token of its own")
         chunk_id = chunk_id_for(self.model_fingerprint, token_ids)
         with self._lock:
             if parent is not None:
@@ -186,8 +185,9 @@ class ChunkRegistry:
                 self.counters["hits"] += 1
                 self._chunks.move_to_end(chunk_id)
                 return self._chunks[chunk_id], False
-            context_pages = context_len // self.page_size
-            num_pages = len(token_ids) // self.page_size - context_pages
+            # Every chunk's own tokens fill whole pages of their own (the last one padded).
+            context_pages = parent_chunk.context_pages + parent_chunk.num_pages if parent is not None else 0
+            num_pages = -(-(len(token_ids) - context_len) // self.page_size)
             self._make_room(num_pages, keep=parent)
             chunk = Chunk(chunk_id, tuple(int(t) for t in token_ids), num_pages, kind, label, parent=parent,
                           context_len=context_len, context_pages=context_pages)
@@ -197,17 +197,20 @@ class ChunkRegistry:
             return chunk, True
 
     def attach_pages(self, chunk_id: str, pages: Sequence[int]) -> None:
-        """The pinned KV pages of the chunk's whole token sequence (what `cascade_pin_prefix`
-        returns): the chunk keeps those past its parent chain's pages, at most num_pages; the
-        chain's pages got one reference too many from that pin, handed to `on_free` now."""
+        """The chunk's own pinned KV pages (what `cascade_pin_chunk` returns), num_pages of them."""
         with self._lock:
             chunk = self.get(chunk_id)
-            context, own = list(pages[: chunk.context_pages]), list(pages[chunk.context_pages :])
-            if len(own) > chunk.num_pages:
-                raise ChunkError(f"chunk {chunk_id} has {chunk.num_pages} pages, got {len(own)}")
-            chunk.pages = own
-            if context:
-                self._on_free(context)
+            if len(pages) != chunk.num_pages:
+                raise ChunkError(f"chunk {chunk_id} has {chunk.num_pages} pages, got {len(pages)}")
+            chunk.pages = list(pages)
+
+    def chain(self, chunk_id: str) -> list[Chunk]:
+        """The chunk's parents, root first, then the chunk (a visible chunk's parents are visible)."""
+        with self._lock:
+            chain = [self._chunks.get(chunk_id) or self._dying[chunk_id]]
+            while chain[-1].parent is not None:
+                chain.append(self._chunks[chain[-1].parent])
+            return chain[::-1]
 
     def acquire(self, chunk_ids: Sequence[str]) -> list[Chunk]:
         """A request starts using these chunks (all or none)."""

@@ -14,23 +14,22 @@
 What happens today:
 - `register_chunk` tokenizes once, names the chunk by SHA-256 (registering the
   same content again returns the same chunk), prefills it through vLLM's own
-  scheduling (one token of output, batched with other registrations), then
-  pins the full KV pages it produced in the engine core's KV manager (one
-  more reference each: never evicted, never reused for other data) until the
-  chunk is deleted or evicted (LRU, chunks no running request holds, within
-  `page_budget` pages, by default half of the KV cache). A chain's chunk pins
-  only its own pages, past its parent's; a parent with children is neither
+  scheduling (one token of output, batched with other registrations) onto
+  whole pages of its own (the last one padded), then pins them in the engine
+  core's KV manager (one more reference each: never evicted, never reused for
+  other data) until the chunk is deleted or evicted (LRU, chunks no running
+  request holds, within `page_budget` pages, by default half of the KV cache).
+  A chain's chunk pins only its own pages; a parent with children is neither
   evicted nor deleted (ChunkInUse, 409) unless deleted with `cascade=True`.
-- A composition's prompt is its chunks' stored token ids (never tokenized
-  again) and the tail. Its pinned pages are reused where the composition
-  starts with a registered chain (vLLM's prefix cache finds them,
-  position-exact), so one chunk + tail and chains are exact and never
-  prefilled again. Chunks composed in another order are computed again with
-  the request: correct (the same as generating the concatenated text), not
-  reused, and counted as such in `stats()`. Reusing them at any offset needs
-  the per-level query rotation of DESIGN.md (issue #4), not built yet.
-- A chunk's last partial page is not kept (the prefix cache keeps full pages):
-  up to page_size - 1 of its tokens are computed again with each request.
+- A composition names chunks in any order: its prompt is `[A|pad][B|pad][tail]`
+  (chunks/layout.py), the chunks' stored token ids, never tokenized again.
+  The engine core gives the chunk pages the block hashes they were cached
+  under, so vLLM's prefix cache serves them at any offset and only the tail is
+  computed; the CASCADE backend masks the pads and shifts each chunk's keys to
+  its true position (kv/chunk_pages.py). One chunk + tail and chains are exact
+  (as generating the same text); chunks registered independently are exact in
+  position but never attended each other (the measured cost is in
+  benchmarks/RESULTS.md). Compositions need `attention_backend="cascade"`.
 - With a persistence directory (setting `chunk_persistence_dir`), chunks' KV
   is saved on registration and reloaded by the next engine's store without
   prefill (chunks/persist.py).
@@ -45,7 +44,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from vllm_cascade import vllm_compat
-from vllm_cascade.chunks.layout import CompositionTooLong
+from vllm_cascade.chunks.layout import (
+    ChunkRef,
+    ComposedPrompt,
+    CompositionTooLong,
+    compose_prompt,
+    registration_prompt,
+)
 from vllm_cascade.chunks.persist import ChunkFiles, ChunkPersistence, fingerprint
 from vllm_cascade.chunks.registry import Chunk, ChunkError, ChunkRegistry
 
@@ -84,32 +89,50 @@ def make_registry(vllm_config: Any, total_pages: int, on_free: Callable[[list[in
 
 def register_spec(registry: ChunkRegistry, spec: ChunkSpec, own: list[int], max_model_len: int) -> tuple[Chunk, bool]:
     """Registry side of registering `spec` (its own tokens given): -> (chunk, created)."""
-    context = list(registry.get(spec.parent).token_ids) if spec.parent else []
-    if len(context) + len(own) >= max_model_len:
-        raise CompositionTooLong(f"chunk of {len(context) + len(own)} tokens does not fit the model's "
-                                 f"context ({max_model_len})")
+    parent = registry.get(spec.parent) if spec.parent else None
+    context = list(parent.token_ids) if parent else []
+    page = registry.page_size
+    slots = ((parent.context_pages + parent.num_pages) * page if parent else 0) + -(-len(own) // page) * page
+    if slots >= max_model_len:
+        raise CompositionTooLong(f"chunk of {len(context) + len(own)} tokens ({slots} with each chunk's page "
+                                 f"padding) does not fit the model's context ({max_model_len})")
     return registry.register(context + own, spec.kind, spec.label, spec.parent, len(context))
 
 
-def composition_prompt(chunks: Sequence[Chunk], tail: list[int], max_model_len: int) -> tuple[list[int], int]:
-    """-> (prompt token ids, how many of them are chunk tokens). Chunk tokens are the stored ones."""
-    tokens = [t for c in chunks for t in c.own_token_ids]
-    chunk_tokens = len(tokens)
-    tokens += tail
-    if not tokens:
-        raise ChunkError("a composition needs chunks or a tail")
-    if len(tokens) >= max_model_len:
-        raise CompositionTooLong(f"composition of {len(tokens)} tokens does not fit the model's context "
-                                 f"({max_model_len})")
-    return tokens, chunk_tokens
+def chunk_refs(chunks: Sequence[Chunk]) -> list[ChunkRef]:
+    return [ChunkRef(c.chunk_id, c.own_token_ids, c.num_pages) for c in chunks]
 
 
-def count_composition(counters: dict[str, int], chunk_tokens: int, num_cached_tokens: int | None) -> None:
+def registration(registry: ChunkRegistry, chunk: Chunk, max_model_len: int) -> tuple[ComposedPrompt, list[int]]:
+    """-> (the prompt that prefills `chunk` onto its own pages, its chain composed before it; the
+    keys each of those pages holds). Pin with `cascade_pin_chunk(chunk_id, prompt.token_ids,
+    prompt.refs, valid)` once vLLM ran the prompt with `prompt.extra_args`."""
+    prompt = registration_prompt(chunk_refs(registry.chain(chunk.chunk_id)), registry.page_size, max_model_len)
+    n, page = len(chunk.own_token_ids), registry.page_size
+    return prompt, [min(page, n - i * page) for i in range(chunk.num_pages)]
+
+
+def composition_prompt(chunks: Sequence[Chunk], tail: list[int], page_size: int, max_model_len: int) -> ComposedPrompt:
+    """The prompt of chunks (their stored token ids, never tokenized again) in this order, then the tail."""
+    return compose_prompt(chunk_refs(chunks), tail, page_size, max_model_len)
+
+
+def with_composition(sampling_params: Any, prompt: ComposedPrompt) -> Any:
+    """A copy of vLLM `sampling_params` (None: defaults) that carries the composition to the engine core."""
+    from vllm import SamplingParams
+
+    params = (sampling_params or SamplingParams()).clone()
+    params.extra_args = {**(params.extra_args or {}), **prompt.extra_args}
+    return params
+
+
+def count_composition(counters: dict[str, int], prompt: ComposedPrompt, num_cached_tokens: int | None) -> None:
     """Account one composed request that vLLM prefilled: its chunk tokens, and how many of them the
-    prefix cache served (vLLM's `num_cached_tokens`, which counts from the prompt's start)."""
+    prefix cache served (vLLM's `num_cached_tokens`, which counts prompt slots from the start, pads
+    included; pads are not counted as tokens here)."""
     counters["compositions"] += 1
-    counters["chunk_tokens"] += chunk_tokens
-    counters["reused_tokens"] += min(num_cached_tokens or 0, chunk_tokens)
+    counters["chunk_tokens"] += prompt.chunk_tokens
+    counters["reused_tokens"] += min(prompt.real_tokens(num_cached_tokens or 0), prompt.chunk_tokens)
 
 
 def new_counters() -> dict[str, int]:
@@ -173,7 +196,8 @@ class ChunkStore:
         return self.register_chunks([ChunkSpec(text, token_ids, kind, label, parent)])[0]
 
     def register_chunks(self, specs: Sequence[ChunkSpec], use_tqdm: bool = True) -> list[Chunk]:
-        """Register many chunks; the new ones are prefilled in one batch (with a progress bar)."""
+        """Register many chunks; the new ones are prefilled in batches (with a progress bar): each
+        batch the chunks whose parents are done."""
         from vllm import SamplingParams
 
         chunks, created = [], []
@@ -184,16 +208,21 @@ class ChunkStore:
                 chunks.append(chunk)
                 if new:
                     created.append(chunk)
-            if created:
-                prompts = [{"prompt_token_ids": list(c.token_ids)} for c in created]
-                self.llm.generate(prompts, SamplingParams(max_tokens=1, temperature=0.0), use_tqdm=use_tqdm)
-                for chunk in created:
-                    pages = vllm_compat.call_engine_core(self.llm, "cascade_pin_prefix", list(chunk.token_ids))
+            todo = list(created)
+            while todo:
+                ready = [c for c in todo if not any(p.chunk_id == c.parent for p in todo)]
+                regs = [registration(self.registry, c, self.max_model_len) for c in ready]
+                params = [with_composition(SamplingParams(max_tokens=1, temperature=0.0), p) for p, _ in regs]
+                self.llm.generate([{"prompt_token_ids": p.token_ids} for p, _ in regs], params, use_tqdm=use_tqdm)
+                for chunk, (prompt, valid) in zip(ready, regs):
+                    pages = vllm_compat.call_engine_core(self.llm, "cascade_pin_chunk", chunk.chunk_id,
+                                                         prompt.token_ids, prompt.refs, valid)
                     self.registry.attach_pages(chunk.chunk_id, pages)
-                    self.counters["prefilled_chunk_tokens"] += chunk.num_tokens
-                for chunk in created:
-                    if self.persistence is not None:
-                        self.persistence.save(chunk)
+                    self.counters["prefilled_chunk_tokens"] += len(chunk.own_token_ids)
+                todo = [c for c in todo if c not in ready]
+            for chunk in created:
+                if self.persistence is not None:
+                    self.persistence.save(chunk)
         except BaseException:
             for chunk in reversed(created):  # a failed registration keeps nothing (children before parents)
                 if not chunk.deleted:
@@ -216,11 +245,11 @@ class ChunkStore:
     # -- requests ----------------------------------------------------------------------------------
 
     def generate(self, compositions: Sequence[dict], sampling_params: Any = None, use_tqdm: bool = False) -> list:
-        """`compositions`: [{"chunks": [chunk ids, in order], "tail": text or token ids}, ...] -> RequestOutputs.
+        """`compositions`: [{"chunks": [chunk ids, in any order], "tail": text or token ids}, ...] -> RequestOutputs.
 
         The chunks are held while the requests run (deleting one meanwhile is safe)."""
         held: list[list[str]] = []
-        prompts = []
+        prompts: list[ComposedPrompt] = []
         try:
             for comp in compositions:
                 ids = list(comp.get("chunks", []))
@@ -228,14 +257,14 @@ class ChunkStore:
                 held.append(ids)
                 tail = comp.get("tail", "")
                 tail_ids = self._tokens(tail, None) if isinstance(tail, str) else [int(t) for t in tail]
-                tokens, chunk_tokens = composition_prompt(chunks, tail_ids, self.max_model_len)
-                prompts.append(({"prompt_token_ids": tokens}, chunk_tokens))
-            outputs = self.llm.generate([p for p, _ in prompts], sampling_params, use_tqdm=use_tqdm)
+                prompts.append(composition_prompt(chunks, tail_ids, self.registry.page_size, self.max_model_len))
+            outputs = self.llm.generate([{"prompt_token_ids": p.token_ids} for p in prompts],
+                                        [with_composition(sampling_params, p) for p in prompts], use_tqdm=use_tqdm)
         finally:
             for ids in held:
                 self.registry.release(ids)
-        for out, (_, chunk_tokens) in zip(outputs, prompts):
-            count_composition(self.counters, chunk_tokens, out.num_cached_tokens)
+        for out, prompt in zip(outputs, prompts):
+            count_composition(self.counters, prompt, out.num_cached_tokens)
         return outputs
 
     # -- state -------------------------------------------------------------------------------------

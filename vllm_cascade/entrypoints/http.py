@@ -47,6 +47,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 
 from vllm_cascade import vllm_compat
+from vllm_cascade.chunks.layout import ComposedPrompt
 from vllm_cascade.chunks.persist import ChunkFiles, ChunkPersistence, fingerprint
 from vllm_cascade.chunks.registry import Chunk, ChunkError, UnknownChunk
 from vllm_cascade.chunks.store import (
@@ -60,6 +61,8 @@ from vllm_cascade.chunks.store import (
     make_registry,
     new_counters,
     register_spec,
+    registration,
+    with_composition,
 )
 
 logger = logging.getLogger(__name__)
@@ -127,12 +130,16 @@ class ChunkService:
         self._registering[chunk.chunk_id] = done
         error: BaseException | None = None
         try:
-            prompt = {"prompt_token_ids": list(chunk.token_ids)}
-            async for _ in self.engine.generate(prompt, SamplingParams(max_tokens=1, temperature=0.0),
+            parent = self._registering.get(chunk.parent) if chunk.parent else None
+            if parent is not None and await asyncio.shield(parent) is not None:
+                raise ChunkConflict(f"the parent chunk {chunk.parent} failed to register; register both again")
+            prompt, valid = registration(self.registry, chunk, self.max_model_len)
+            params = with_composition(SamplingParams(max_tokens=1, temperature=0.0), prompt)
+            async for _ in self.engine.generate({"prompt_token_ids": prompt.token_ids}, params,
                                                 f"cascade-chunk-{uuid.uuid4().hex}"):
                 pass
-            pages = await vllm_compat.call_engine_core_async(self.engine, "cascade_pin_prefix",
-                                                             list(chunk.token_ids))
+            pages = await vllm_compat.call_engine_core_async(self.engine, "cascade_pin_chunk", chunk.chunk_id,
+                                                             prompt.token_ids, prompt.refs, valid)
             try:
                 self.registry.attach_pages(chunk.chunk_id, pages)
             except UnknownChunk:  # removed meanwhile (deletion waits for us): nothing may keep the pins
@@ -140,7 +147,7 @@ class ChunkService:
                 raise ChunkConflict(f"chunk {chunk.chunk_id} was removed while it was being registered (evicted "
                                     "by newer chunks, or its parent's registration failed); register it again"
                                     ) from None
-            self.counters["prefilled_chunk_tokens"] += chunk.num_tokens
+            self.counters["prefilled_chunk_tokens"] += len(chunk.own_token_ids)
             if self.persistence is not None:
                 await asyncio.to_thread(self.persistence.save, chunk)  # a failure is logged: the chunk stays
         except BaseException as exc:
@@ -196,7 +203,7 @@ class Composition:
     def __init__(self, service: ChunkService, chunks: list[Chunk]) -> None:
         self.service = service
         self.chunks = chunks
-        self.chunk_tokens = sum(len(c.own_token_ids) for c in chunks)
+        self.prompt: ComposedPrompt | None = None  # once composed
         self._observed = False
         # Runs once: from `release`, or when the composition is dropped unreleased (a stream that
         # was never read, e.g. its client left first); freed pages are then unpinned at the next flush.
@@ -204,16 +211,27 @@ class Composition:
         self._release.atexit = False
 
     def compose(self, tail: list[int] | None) -> list[int]:
-        """The prompt: the chunks' stored tokens, then `tail` (413 if it does not fit the context)."""
+        """The prompt's token ids: the chunks' stored tokens, each on its own pages, then `tail` (413
+        if it does not fit the context). `extra_args` says vLLM where the chunks are."""
         if tail is None:
             raise ChunkError("chunks compose with text and token prompts only, not images, audio or embeddings")
-        return composition_prompt(self.chunks, tail, self.service.max_model_len)[0]
+        prompt = composition_prompt(self.chunks, tail, self.service.registry.page_size, self.service.max_model_len)
+        if self.prompt is not None and self.prompt.refs != prompt.refs:
+            raise ChunkError("a composed chat needs messages after its chunks")
+        self.prompt = prompt
+        return prompt.token_ids
+
+    @property
+    def extra_args(self) -> dict:
+        """vLLM's `vllm_xargs` for the composition (a tail follows the chunks: chat, or a non-empty prompt)."""
+        prompt = self.prompt or composition_prompt(self.chunks, [0], self.service.registry.page_size, 1 << 62)
+        return prompt.extra_args
 
     def observe(self, output: Any) -> None:
         """Count the request's reuse from its first output (vLLM has prefilled it by then)."""
-        if not self._observed:
+        if not self._observed and self.prompt is not None:
             self._observed = True
-            count_composition(self.service.counters, self.chunk_tokens, output.num_cached_tokens)
+            count_composition(self.service.counters, self.prompt, output.num_cached_tokens)
 
     async def release(self) -> None:
         self._release()
@@ -331,6 +349,14 @@ def _completion_prompt(body: dict, composition: Composition) -> None:
     body["prompt"] = composition.compose(tail_ids)
 
 
+def _composition_args(body: dict, composition: Composition) -> None:
+    """Where the chunks are, for the engine core (vllm_compat.ComposedBlockHasher), with the client's own xargs."""
+    xargs = body.get("vllm_xargs") or {}
+    if not isinstance(xargs, dict):
+        raise ChunkError("'vllm_xargs' must be an object")
+    body["vllm_xargs"] = {**xargs, **composition.extra_args}
+
+
 async def _serve(request: Request, endpoint: tuple[Any, Any], build: Callable[[dict, Composition], None] | None):
     """Run vLLM's route `endpoint` (function, request model) on the body; with "chunks", as a
     composition: the chunks are held until the response (or its stream) ends, `build` puts the
@@ -347,8 +373,10 @@ async def _serve(request: Request, endpoint: tuple[Any, Any], build: Callable[[d
     token = COMPOSITION.set(composition)
     streaming = False
     try:
-        if composition is not None and build is not None:
-            build(body, composition)
+        if composition is not None:
+            if build is not None:
+                build(body, composition)
+            _composition_args(body, composition)
         response = await create(request=request_model(**body), raw_request=request)
         if composition is not None and isinstance(response, StreamingResponse):
             response.body_iterator = _release_after(response.body_iterator, composition)
