@@ -8,7 +8,7 @@
 #
 # Steps run in the order given (a machine is held 30 minutes at most, so put
 # first what matters most): host-bench, step-profile, throughput, gpu-check,
-# gpu-tests, kernel-bench, model-bench, chunks-bench. With no STEP: throughput
+# gpu-tests (triton-tests: the kernel tests alone), kernel-bench, model-bench, chunks-bench. With no STEP: throughput
 # gpu-check gpu-tests kernel-bench. A step that fails does not stop the next;
 # each step's log says how it ended.
 set -u
@@ -21,9 +21,10 @@ run_step() {
                       --backends FLASH_ATTN,CASCADE --log-dir "$RUN" ;;
     throughput) python3 benchmarks/throughput.py --model $M --backends FLASHINFER,CASCADE,FLASH_ATTN --log-dir "$RUN" ;;
     gpu-check) python3 benchmarks/gpu_check.py --model $M --backends FLASH_ATTN,CASCADE --log-dir "$RUN" ;;
-    gpu-tests) python3 -m pytest -q tests/test_triton_cascade.py tests/test_gpu_attention.py tests/test_fused_qwen3.py ;;
+    gpu-tests) python3 -m pytest -q tests/test_triton_cascade.py tests/test_gpu_attention.py tests/test_fused_qwen3.py tests/test_chunk_pages.py ;;
+    triton-tests) python3 -m pytest -q tests/test_triton_cascade.py tests/test_chunk_pages.py ;;
     kernel-bench) python3 benchmarks/kernel_bench.py ;;
-    model-bench) python3 benchmarks/model_bench.py --model $M --variants stock,fused --profile --log-dir "$RUN" ;;
+    model-bench) python3 benchmarks/model_bench.py --model $M --variants stock,fused,fused-noaddmm --log-dir "$RUN" ;;
     chunks-bench) python3 benchmarks/chunks_bench.py --model $M --log-dir "$RUN" ;;
     *) echo "unknown step $1"; return 2 ;;
     esac
