@@ -152,12 +152,16 @@ class Side:
         t0 = time.perf_counter()
         self.llm.enqueue([{"prompt_token_ids": p} for p, _ in prompts],
                          [params if c is None else with_composition(params, c) for _, c in prompts], use_tqdm=False)
+        self.intake_s = time.perf_counter() - t0  # where TTFT goes: the requests' intake, then the first steps
+        self.step_s: list[float] = []
         outputs, finished = [], {}
         while engine.has_unfinished_requests():
+            t_step = time.perf_counter()
             for out in engine.step():
                 if out.finished:
                     outputs.append(out)
                     finished[out.request_id] = time.perf_counter() - t0
+            self.step_s.append(time.perf_counter() - t_step)
             peak = max(peak, self._used())
         batch = time.perf_counter() - t0
         outputs.sort(key=lambda o: int(o.request_id))
@@ -209,6 +213,7 @@ def run_backend(args) -> None:
             "cached_tokens": sum(o.num_cached_tokens or 0 for o in outs),
             "output_tokens": sum(len(o.outputs[0].token_ids) for o in outs), **counters,
             "first_tokens": [list(o.outputs[0].token_ids[:16]) for o in outs],
+            "intake_s": side.intake_s, "first_steps_s": side.step_s[:4],
         }
         r = results[variant]
         print(variant, {k: v for k, v in r.items() if not isinstance(v, list)},
@@ -264,6 +269,9 @@ def main() -> None:
             same = sum(a == b for a, b in zip(s["first_tokens"], c["first_tokens"]))
             print(f"{'':<7} greedy tokens 1-16 equal to {stock}'s: {same}/{len(c['first_tokens'])} requests "
                   "(chain: exact up to bf16 rounding; orders: chunks composed independently, not expected equal)")
+        for b, r in sides.items():
+            print(f"{'':<7} {b}: intake (enqueue) {r['intake_s'] * 1e3:.1f} ms, first steps "
+                  + ", ".join(f"{x * 1e3:.1f}" for x in r["first_steps_s"]) + " ms")
         if any(not r["cache_reset"] for r in sides.values()):
             print("  warning: vLLM could not empty its prefix cache after a pass; the next variant may hit it")
 
