@@ -252,6 +252,33 @@ SYSTEM_TURN = f"<|im_start|>system\n{SYSTEM}<|im_end|>\n"
 USER = [{"role": "user", "content": "Can you tell me a story about a brave mouse?"}]
 
 
+def test_any_order_composition_over_http(server, tiny_model):
+    """Two chunks registered independently, composed in the order opposite to registration: the
+    prompt vLLM ran is each chunk on its own pages, every chunk token came from pinned pages, and
+    the tokens are those of the Hugging Face reference that prefills each chunk alone."""
+    import torch
+    from test_e2e_llm import window
+    from transformers import AutoModelForCausalLM
+
+    from vllm_cascade.testing.composition_ref import independent_greedy
+
+    url, _, _, _ = server
+    first, second, tail = window(tiny_model, 2000, 40), window(tiny_model, 2500, 50), window(tiny_model, 3000, 5)
+    a = post(url, "/v1/chunks", {"token_ids": first})
+    b = post(url, "/v1/chunks", {"token_ids": second})
+    before = chunk_stats(url)
+    body = {"model": server_model(url), "chunks": [b["id"], a["id"]], "prompt": tail, **GREEDY}
+    choice = post(url, "/v1/completions", body)["choices"][0]
+    assert choice["prompt_token_ids"] == second + [0] * 14 + first + [0] * 8 + tail
+    after = chunk_stats(url)
+    assert after["reused_tokens"] - before["reused_tokens"] == after["chunk_tokens"] - before["chunk_tokens"] == 90
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model), dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert choice["token_ids"] == independent_greedy(model, [second, first], tail, GREEDY["max_tokens"])
+    for chunk in (a, b):
+        assert requests.delete(f"{url}/v1/chunks/{chunk['id']}", timeout=10).status_code == 200
+
+
 def chunk_stats(url: str) -> dict:
     return requests.get(f"{url}/v1/chunks", timeout=10).json()["stats"]
 
