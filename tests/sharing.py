@@ -27,3 +27,16 @@ def random_batch(rng: np.random.Generator, page_size: int, max_rows: int = 12):
     for i, r in enumerate(rows):
         table[i, : len(r)] = r
     return table, np.array(seq_lens), np.array(query_lens), next(next_page)
+
+
+def composition_layout(lens: list[int], tail_len: int, page_size: int):
+    """Where `chunks/layout.compose_prompt` puts chunks of these lengths and a tail ->
+    (each chunk's first slot, each chunk's true offset, the tail's first slot, its true offset,
+    slots in all)."""
+    from vllm_cascade.chunks.layout import ChunkRef, compose_prompt
+
+    refs = [ChunkRef(str(i), [1] * n, -(-n // page_size)) for i, n in enumerate(lens)]
+    prompt = compose_prompt(refs, [2] * tail_len, page_size, 1 << 30)
+    slots = np.cumsum([0] + [pages * page_size for _, pages in prompt.refs])
+    true = np.cumsum([0, *lens])
+    return slots[:-1].tolist(), true[:-1].tolist(), int(slots[-1]), int(true[-1]), len(prompt.token_ids)

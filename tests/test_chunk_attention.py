@@ -4,14 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from vllm_cascade.chunks.layout import compose_layout
-from vllm_cascade.ops.chunk_attention import (
-    Segment,
-    attend_segment,
-    composed_attention,
-    composition_segments,
-    rotate_query,
-)
+from sharing import composition_layout
+
+from vllm_cascade.ops.chunk_attention import Segment, attend_segment, composed_attention, rotate_query
 
 MAX_POS = 512
 
@@ -59,9 +54,10 @@ def random_composition(seed: int, garbage: float):
     order = [int(i) for i in rng.permutation(num_chunks)]
     tail_len = int(rng.integers(1, 10))
     num_q = int(rng.integers(1, tail_len + 1))
-    comp = compose_layout([lens[i] for i in order], tail_len, page, MAX_POS)
+    slot_offsets, true_offsets, tail_slot, tail_true, num_slots = composition_layout(
+        [lens[i] for i in order], tail_len, page)
 
-    num_pages_needed = -(-comp.num_slots // page)
+    num_pages_needed = -(-num_slots // page)
     k_cache = torch.full((num_pages_needed + 5, hkv, page, d), garbage)
     v_cache = torch.full_like(k_cache, garbage)
     block_row = torch.randperm(k_cache.shape[0])[:num_pages_needed]  # physical pages in random places
@@ -73,12 +69,12 @@ def random_composition(seed: int, garbage: float):
             v_cache[block_row[p], :, o] = values[j]
 
     # Chunks stored as registered: rotated at local positions 0..n-1.
-    for slot0, i in zip(comp.slot_offsets, order):
+    for slot0, i in zip(slot_offsets, order):
         store(rope(chunk_k[i], torch.arange(lens[i]), cache), chunk_v[i], slot0)
     # The tail: rotated at true positions.
-    tail_pos = comp.tail_true_offset + torch.arange(tail_len)
+    tail_pos = tail_true + torch.arange(tail_len)
     tail_k, tail_v = torch.randn(tail_len, hkv, d), torch.randn(tail_len, hkv, d)
-    store(rope(tail_k, tail_pos, cache), tail_v, comp.tail_slot_offset)
+    store(rope(tail_k, tail_pos, cache), tail_v, tail_slot)
 
     # Reference: every valid key rotated at its TRUE position, in composition order.
     true_k = torch.cat([chunk_k[i] for i in order] + [tail_k])
@@ -91,12 +87,12 @@ def random_composition(seed: int, garbage: float):
     ref = full_attention(rope(q, q_pos, cache), q_pos, keys_true, values, k_pos, scale)
     segs = [
         Segment(block_row[s // page : s // page + -(-n // page)], n, o)
-        for s, o, n in zip(comp.slot_offsets, comp.true_offsets, comp.chunk_lens)
+        for s, o, n in zip(slot_offsets, true_offsets, [lens[i] for i in order])
     ]
-    segs.append(Segment(block_row[comp.tail_slot_offset // page :].tolist(), tail_len, comp.tail_true_offset, True))
+    segs.append(Segment(block_row[tail_slot // page :].tolist(), tail_len, tail_true, True))
     return {
         "q": q, "q_pos": q_pos, "segs": segs, "k_cache": k_cache, "v_cache": v_cache, "scale": scale,
-        "cache": cache, "ref": ref, "comp": comp, "block_row": block_row, "page": page, "d": d, "rng": rng,
+        "cache": cache, "ref": ref, "block_row": block_row, "page": page, "d": d, "rng": rng,
     }
 
 
@@ -122,19 +118,6 @@ def test_composed_equals_full_attention_at_true_positions(seed, garbage):
     shuffled = [c["segs"][i] for i in c["rng"].permutation(len(c["segs"]))]
     out_shuf = composed_attention(q_rot, c["q_pos"], shuffled, *args[2:])
     torch.testing.assert_close(out_shuf, out_rot, atol=1e-6, rtol=0)
-
-
-@pytest.mark.parametrize("seed", range(4))
-def test_composition_segments_from_layout(seed):
-    c = random_composition(seed, float("nan"))
-    segs, last = composition_segments(c["comp"], c["block_row"], c["comp"].num_slots, c["page"])
-    assert last == int(c["q_pos"][-1])
-    for got, want in zip(segs, c["segs"]):
-        assert (got.valid_len, got.offset, got.causal) == (want.valid_len, want.offset, want.causal)
-        assert torch.as_tensor(got.pages).tolist() == torch.as_tensor(want.pages).tolist()
-    out = composed_attention(c["q"], c["q_pos"], segs, c["k_cache"], c["v_cache"], c["scale"], c["cache"],
-                             q_rotated=False)
-    torch.testing.assert_close(out.double(), c["ref"], atol=ATOL, rtol=0)
 
 
 def test_one_chunk_at_offset_zero_is_plain_prefix():

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from vllm_cascade.attention.plan import flat_plan, plan_cascade
-from vllm_cascade.chunks.layout import compose_layout
+from sharing import composition_layout
+
 from vllm_cascade.kv.chunk_pages import ChunkPages, ChunkView
 from vllm_cascade.ops.chunk_attention import Segment, composed_attention, rotate_query
 from vllm_cascade.ops.torch_attention import cascade_attention
@@ -52,14 +53,11 @@ def test_shared_pages_at_different_shifts_are_not_one_level():
     assert [s.rows.tolist() for lvl in plan.shared for s in lvl] == [[0, 1]]
 
 
-def _compose(rng, order, lens, cache_pages, next_page, table_row, tail_len):
-    """Lay out one request; -> (layout, row, slot of each tail token's page)."""
-    comp = compose_layout([lens[c] for c in order], tail_len, PAGE, 10_000)
-    row = []
-    for c in order:
-        row += cache_pages[c]
-    for _ in range(-(-(comp.num_slots - comp.tail_slot_offset) // PAGE)):
-        row.append(next(next_page))
+def _compose(order, lens, cache_pages, next_page, tail_len):
+    """Lay out one request -> (its layout, as composition_layout gives it, its block-table row)."""
+    comp = composition_layout([lens[c] for c in order], tail_len, PAGE)
+    row = [p for c in order for p in cache_pages[c]]
+    row += [next(next_page) for _ in range(-(-(comp[4] - comp[2]) // PAGE))]
     return comp, row
 
 
@@ -92,10 +90,11 @@ def test_torch_path_equals_segment_reference(seed):
     rows, comps, seq_lens, query_lens, queries_eng, queries_ref, q_true = [], [], [], [], [], [], []
     for order in orders:
         tail = int(rng.integers(1, 2 * PAGE))
-        comp, row = _compose(rng, order, lens, cache_pages, next_page, rows, tail)
+        comp, row = _compose(order, lens, cache_pages, next_page, tail)
+        _, _, tail_slot, tail_true, num_slots = comp
         raw = torch.randn(tail, HKV, D, generator=gen, dtype=torch.float64)
-        slots = comp.tail_slot_offset + torch.arange(tail)
-        true = comp.tail_true_offset + torch.arange(tail)
+        slots = tail_slot + torch.arange(tail)
+        true = tail_true + torch.arange(tail)
         for i in range(tail):
             page, off = row[int(slots[i]) // PAGE], int(slots[i]) % PAGE
             k_eng[page, :, off] = rotate_query(raw[i : i + 1], int(slots[i]), table_cs, D)[0]
@@ -105,7 +104,7 @@ def test_torch_path_equals_segment_reference(seed):
         queries_eng.append(rotate_query(q_raw, slots[tail - qlen :], table_cs, D))
         queries_ref.append(rotate_query(q_raw, true[tail - qlen :], table_cs, D))
         q_true.append(true[tail - qlen :])
-        rows.append(row), comps.append(comp), seq_lens.append(comp.num_slots), query_lens.append(qlen)
+        rows.append(row), comps.append(comp), seq_lens.append(num_slots), query_lens.append(qlen)
     width = max(map(len, rows))
     table = np.zeros((len(rows), width), dtype=np.int64)
     for i, r in enumerate(rows):
@@ -119,11 +118,9 @@ def test_torch_path_equals_segment_reference(seed):
     for p in (plan, flat_plan(seq_lens, PAGE)):
         out = torch.empty_like(query)
         cascade_attention(query, k_eng, v_eng, torch.from_numpy(table), seq_lens, qsl, p, D**-0.5, out, view)
-        for r, comp in enumerate(comps):
-            segs = [Segment(cache_pages[c], lens[c], t) for c, t in zip(orders[r], comp.true_offsets)]
-            first = comp.tail_slot_offset // PAGE
-            tail_len = comp.num_slots - comp.tail_slot_offset
-            segs.append(Segment(rows[r][first:], tail_len, comp.tail_true_offset, causal=True))
+        for r, (_, true_offsets, tail_slot, tail_true, num_slots) in enumerate(comps):
+            segs = [Segment(cache_pages[c], lens[c], t) for c, t in zip(orders[r], true_offsets)]
+            segs.append(Segment(rows[r][tail_slot // PAGE :], num_slots - tail_slot, tail_true, causal=True))
             ref = composed_attention(queries_ref[r], q_true[r], segs, k_ref, v_eng, D**-0.5, table_cs)
             torch.testing.assert_close(out[qsl[r] : qsl[r + 1]], ref.to(out.dtype), rtol=1e-4, atol=2e-5)  # the path computes in float32
     if len(orders) >= 2:

@@ -5,7 +5,7 @@ import threading
 
 import pytest
 
-from vllm_cascade.chunks.layout import CompositionTooLong, compose_layout
+from vllm_cascade.chunks.layout import ChunkRef, CompositionTooLong, compose_prompt, registration_prompt
 from vllm_cascade.chunks.registry import ChunkInUse, ChunkRegistry, RegistryFull, UnknownChunk, chunk_id_for
 
 
@@ -207,14 +207,22 @@ def test_eviction_of_a_whole_chain_goes_leaf_first():
     assert freed == [4, 5, 2, 3, 0, 1] and reg.stats()["evictions"] == 3
 
 
-def test_layout_aligns_chunks_and_counts_true_positions():
-    c = compose_layout([5, 8, 1], tail_len=2, page_size=4, max_len=100)
-    assert c.slot_offsets == [0, 8, 16] and c.true_offsets == [0, 5, 13] and c.tail_slot_offset == 20
-    true = [c.true_position(s) for s in range(c.num_slots) if not c.is_pad(s)]
-    assert true == list(range(5 + 8 + 1 + 2))  # contiguous, pads not counted
-    assert [s for s in range(c.num_slots) if c.is_pad(s)] == [5, 6, 7, 17, 18, 19]
+def test_composed_prompt_puts_each_chunk_on_its_own_pages():
+    a, b, c = ChunkRef("a", [1] * 5, 2), ChunkRef("b", [2] * 8, 2), ChunkRef("c", [3], 1)
+    p = compose_prompt([a, b, c], [9, 9], page_size=4, max_len=100)
+    assert p.token_ids == [1] * 5 + [0] * 3 + [2] * 8 + [3] + [0] * 3 + [9, 9]
+    assert p.refs == [("a", 2), ("b", 2), ("c", 1)] and p.pad_slots == [5, 6, 7, 17, 18, 19]
+    assert p.chunk_tokens == 14 and p.real_tokens(20) == 14 and p.real_tokens(6) == 5
+    assert p.extra_args == {"cascade_chunks": ["a:2", "b:2", "c:1"]}
+    # No tail: the last chunk's last page is computed again, so the prompt ends on a real token.
+    q = compose_prompt([a, b], [], page_size=4, max_len=100)
+    assert q.token_ids == [1] * 5 + [0] * 3 + [2] * 8 and q.refs == [("a", 2), ("b", 1)]
+    # A chain child's registration: its parents composed, then its own tokens padded to its pages.
+    r = registration_prompt([a, c], page_size=4, max_len=100)
+    assert r.token_ids == [1] * 5 + [0] * 3 + [3, 0, 0, 0] and r.refs == [("a", 2)] and r.chunk_tokens == 6
 
 
-def test_layout_too_long_is_a_clear_error():
-    with pytest.raises(CompositionTooLong, match="more than the model's context"):
-        compose_layout([60, 60], tail_len=10, page_size=16, max_len=128)
+def test_composition_too_long_is_a_clear_error():
+    chunk = ChunkRef("a", [1] * 60, 4)
+    with pytest.raises(CompositionTooLong, match="does not fit the model's context"):
+        compose_prompt([chunk, chunk], [5] * 10, page_size=16, max_len=128)

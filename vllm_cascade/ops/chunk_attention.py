@@ -52,7 +52,6 @@ from dataclasses import dataclass
 
 import torch
 
-from vllm_cascade.chunks.layout import Composition
 from vllm_cascade.ops.fused_qwen3 import apply_rope_ref
 from vllm_cascade.ops.torch_attention import attend, gather_pages, merge
 
@@ -152,25 +151,3 @@ def composed_attention(
         acc = part if acc is None else merge(*acc, *part)
     assert acc is not None
     return acc[0]
-
-
-def composition_segments(
-    comp: Composition, block_row: torch.Tensor | Sequence[int], seq_len: int, page_size: int
-) -> tuple[list[Segment], int]:
-    """Segments of a request laid out by chunks/layout.py, from its block-table row.
-
-    `seq_len` counts slots (pads included), as vLLM's seq_lens do. Returns the
-    segments (chunks in layout order, then the tail) and the true position of
-    slot seq_len - 1, so the T query tokens stand at true positions
-    last - T + 1 .. last.
-    """
-    row = torch.as_tensor(block_row, dtype=torch.long)
-    segs = []
-    for start, true, n in zip(comp.slot_offsets, comp.true_offsets, comp.chunk_lens):
-        first = start // page_size
-        segs.append(Segment(row[first : first + -(-n // page_size)], n, true))
-    tail_len = seq_len - comp.tail_slot_offset
-    if tail_len > 0:
-        first = comp.tail_slot_offset // page_size
-        segs.append(Segment(row[first : first + -(-tail_len // page_size)], tail_len, comp.tail_true_offset, True))
-    return segs, comp.tail_true_offset + tail_len - 1
