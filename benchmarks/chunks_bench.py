@@ -181,6 +181,9 @@ class Side:
 
 
 def run_backend(args) -> None:
+    from vllm_cascade.chunks.layout import ComposedPrompt
+    from vllm_cascade.chunks.store import count_composition
+
     shape = QUICK if args.quick else FULL
     side = Side(args, shape)
     results = {"shape": asdict(shape), "page_size": side.page_size}
@@ -200,11 +203,11 @@ def run_backend(args) -> None:
             cleared = side.clear()
         if any(o.metrics is None for o in outs):
             raise RuntimeError("vLLM returned no request metrics (stats logging off?)")
-        counters = {"compositions": len(outs), "chunk_tokens": 0, "reused_tokens": 0}
-        for out, (_, composed) in zip(outs, prompts):
-            chunk_tokens, cached = shape.chunks * shape.chunk_tokens, out.num_cached_tokens or 0
-            counters["chunk_tokens"] += chunk_tokens  # reused: the chunk tokens (not pads) among the cached slots
-            counters["reused_tokens"] += min(composed.real_tokens(cached) if composed else cached, chunk_tokens)
+        counters = {"compositions": 0, "chunk_tokens": 0, "reused_tokens": 0}
+        for out, (tokens, composed) in zip(outs, prompts):
+            # The stock side's prompt, as a composition without pads: the same accounting on both sides.
+            plain = ComposedPrompt(tokens, [], shape.chunks * shape.chunk_tokens, [])
+            count_composition(counters, composed or plain, out.num_cached_tokens)
         results[variant] = {
             "distinct_orders": len(set(orders)), "setup_s": setup_s, "batch_s": batch_s,
             "ttft_s": [o.metrics.first_token_latency for o in outs], "finished_s": finished,

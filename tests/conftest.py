@@ -82,7 +82,7 @@ class Engine:
 
     def totals(self) -> dict[str, int]:
         """Counters summed over every process that used the backend."""
-        keys = ("steps", "cascade_steps", "layer_calls", "pages_read", "flat_pages_read")
+        keys = ("steps", "cascade_steps", "layer_calls", "pages_read", "flat_pages_read", "chunk_steps")
         found = self.stats()
         return {k: sum(s[k] for s in found) for k in keys}
 

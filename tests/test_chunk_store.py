@@ -32,11 +32,6 @@ def greedy(max_tokens: int = 16):
     return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
 
 
-def chunk_steps(engine) -> int:
-    """Steps whose attention read composed chunk pages (shifted or padded), over the engine's processes."""
-    return sum(s.get("chunk_steps", 0) for s in engine.stats())
-
-
 def test_registration_pins_pages_and_deletion_frees_them(store, tiny_model):
     before = store.kv_pages()["free"]
     tokens = window(tiny_model, 0, 200)
@@ -67,7 +62,7 @@ def test_chain_composition_reuses_pages_and_matches_stock(store, cascade_engine,
     stats = store.stats()
     assert stats["reused_tokens"] == stats["chunk_tokens"] == 250 + 100
     assert_plugin_ran(cascade_engine.stats())
-    assert chunk_steps(cascade_engine) > 0  # the pads were masked by the plugin's attention
+    assert cascade_engine.totals()["chunk_steps"] > 0  # the pads were masked by the plugin's attention
 
 
 def test_any_order_reuses_every_chunk_page_and_equals_independent_composition(store, cascade_engine, tiny_model):
@@ -81,7 +76,7 @@ def test_any_order_reuses_every_chunk_page_and_equals_independent_composition(st
 
     first, second, tail = window(tiny_model, 50, 60), window(tiny_model, 900, 70), window(tiny_model, 1300, 5)
     a, b = store.register_chunks([ChunkSpec(token_ids=first), ChunkSpec(token_ids=second)], use_tqdm=False)
-    before = chunk_steps(cascade_engine)
+    before = cascade_engine.totals()["chunk_steps"]
     outs = store.generate([{"chunks": [b.chunk_id, a.chunk_id], "tail": tail},
                            {"chunks": [a.chunk_id, b.chunk_id], "tail": tail}], greedy())
     assert [o.num_cached_tokens for o in outs] == [(5 + 4) * PAGE] * 2  # every chunk page, pads included
@@ -90,7 +85,7 @@ def test_any_order_reuses_every_chunk_page_and_equals_independent_composition(st
     with torch.no_grad():
         want = [independent_greedy(model, [second, first], tail, 16), independent_greedy(model, [first, second], tail, 16)]
     assert [list(o.outputs[0].token_ids) for o in outs] == want
-    assert chunk_steps(cascade_engine) > before
+    assert cascade_engine.totals()["chunk_steps"] > before
 
 
 def test_a_composition_without_tail_ends_on_a_real_token(store, reference_engine, tiny_model):

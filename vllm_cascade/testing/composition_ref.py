@@ -16,11 +16,13 @@ from transformers.models.qwen3.modeling_qwen3 import rotate_half
 
 KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer (keys, values), [1, kv_heads, T, head_dim]
 
+
 def forward(model, ids: list[int], cache: DynamicCache, start: int) -> torch.Tensor:
     """Run `ids` at positions start.. on `cache` (updated in place); float64 logits [T, vocab]."""
     pos = torch.arange(start, start + len(ids))[None]
     out = model(input_ids=torch.tensor([ids]), position_ids=pos, past_key_values=cache, use_cache=True)
     return out.logits[0].double()
+
 
 def rerotate(model, k: torch.Tensor, shift: int) -> torch.Tensor:
     """Keys RoPE'd at p -> keys at p + shift (shift may be negative): HF's neox layout, the model's
@@ -32,8 +34,10 @@ def rerotate(model, k: torch.Tensor, shift: int) -> torch.Tensor:
     kd = k.double()
     return (kd * cos + rotate_half(kd) * sin).to(k.dtype)
 
+
 def layers_kv(cache: DynamicCache) -> KV:
     return [(layer.keys, layer.values) for layer in cache.layers]
+
 
 def run_steps(model, cache: DynamicCache, first: torch.Tensor, start: int, steps: int,
               forced: list[int] | None) -> tuple[torch.Tensor, list[int]]:
@@ -48,14 +52,17 @@ def run_steps(model, cache: DynamicCache, first: torch.Tensor, start: int, steps
             logits = forward(model, [tok], cache, start + i)[-1]
     return torch.stack(dists), toks
 
+
 def chunk_alone(model, ids: list[int]) -> KV:
     """KV of one chunk computed with no context, at local positions 0..n-1."""
     cache = DynamicCache()
     forward(model, ids, cache, 0)
     return layers_kv(cache)
 
-def compose(model, local: list[KV], tail: list[int], forced: list[int]) -> torch.Tensor:
-    """Place chunk KVs (local positions) at their offsets, run the tail, teacher-force `forced`."""
+
+def placed(model, local: list[KV]) -> tuple[DynamicCache, int]:
+    """Chunk KVs (local positions) placed one after another at their true offsets: their keys
+    re-rotated there, in one cache. -> (the cache, the position after the last chunk)."""
     offsets, off = [], 0
     for kv in local:
         offsets.append(off)
@@ -64,22 +71,18 @@ def compose(model, local: list[KV], tail: list[int], forced: list[int]) -> torch
     for li in range(len(local[0])):
         ks = [rerotate(model, kv[li][0], o) for kv, o in zip(local, offsets)]
         per_layer.append((torch.cat(ks, 2), torch.cat([kv[li][1] for kv in local], 2)))
-    cache = DynamicCache(ddp_cache_data=per_layer)
+    return DynamicCache(ddp_cache_data=per_layer), off
+
+
+def compose(model, local: list[KV], tail: list[int], forced: list[int]) -> torch.Tensor:
+    """Place chunk KVs (local positions) at their offsets, run the tail, teacher-force `forced`."""
+    cache, off = placed(model, local)
     last = forward(model, tail, cache, off)[-1]
     return run_steps(model, cache, last, off + len(tail), len(forced), forced)[0]
 
 
 def independent_greedy(model, chunks: list[list[int]], tail: list[int], steps: int) -> list[int]:
     """Greedy tokens after chunks composed independently (each prefilled alone) and a tail."""
-    local = [chunk_alone(model, c) for c in chunks]
-    offsets, off = [], 0
-    for kv in local:
-        offsets.append(off)
-        off += kv[0][0].shape[2]
-    per_layer = []
-    for li in range(len(local[0])):
-        ks = [rerotate(model, kv[li][0], o) for kv, o in zip(local, offsets)]
-        per_layer.append((torch.cat(ks, 2), torch.cat([kv[li][1] for kv in local], 2)))
-    cache = DynamicCache(ddp_cache_data=per_layer)
+    cache, off = placed(model, [chunk_alone(model, c) for c in chunks])
     last = forward(model, tail, cache, off)[-1]
     return run_steps(model, cache, last, off + len(tail), steps, None)[1]
