@@ -4,10 +4,9 @@ cascade planning with shifts, and the torch path against the segment reference (
 import numpy as np
 import pytest
 import torch
-
-from vllm_cascade.attention.plan import flat_plan, plan_cascade
 from sharing import composition_layout
 
+from vllm_cascade.attention.plan import flat_plan, plan_cascade
 from vllm_cascade.kv.chunk_pages import ChunkPages, ChunkView
 from vllm_cascade.ops.chunk_attention import Segment, composed_attention, rotate_query
 from vllm_cascade.ops.torch_attention import cascade_attention
@@ -45,12 +44,77 @@ def test_annotations_count_pins_and_must_agree():
         pages.release([3])
 
 
-def test_shared_pages_at_different_shifts_are_not_one_level():
-    table = np.array([[5, 6, 1], [5, 6, 2], [5, 6, 3]])
-    seq, q = np.array([9, 9, 9]), np.array([1, 1, 1])
-    shifts = np.array([[0, 0, 0], [0, 0, 0], [3, 3, 0]])
+def test_pages_shared_wherever_rows_hold_them():
+    """Rows compose chunks X = [5, 6] and Y = [8] in other orders and at other shifts: each chunk
+    is one segment for every row holding it, its query rotated back by the row's extra shift; a
+    row's private page before its last shared one is a one-row segment, its tail its own level."""
+    table = np.array([[5, 6, 8, 1], [8, 5, 6, 2], [9, 5, 6, 3]])
+    shifts = np.array([[0, 0, -8, 0], [-4, 3, 3, 0], [0, 7, 7, 0]])
+    seq, q = np.full(3, 4 * PAGE - 1), np.ones(3, dtype=int)
     plan = plan_cascade(table, seq, q, PAGE, min_saved_pages=1, min_saved_fraction=0.0, shifts=shifts)
-    assert [s.rows.tolist() for lvl in plan.shared for s in lvl] == [[0, 1]]
+    got = [(s.level, s.rows.tolist(), s.first_page, s.pages.tolist(), s.q_shift.tolist())
+           for lvl in plan.shared for s in lvl]
+    assert got == [(0, [0, 1, 2], 0, [5, 6], [0, 3, 7]), (1, [0, 1], 2, [8], [0, 4]), (1, [2], 0, [9], [0])]
+    assert plan.own_first_page.tolist() == [3, 3, 3] and (plan.pages_read, plan.flat_pages_read) == (7, 12)
+
+
+def test_a_page_held_twice_by_a_row_is_not_shared():
+    table = np.array([[5, 5, 1], [5, 7, 2]])
+    plan = plan_cascade(table, np.array([9, 9]), np.array([1, 1]), PAGE, min_saved_pages=1, min_saved_fraction=0.0,
+                        shifts=np.zeros((2, 3), np.int32))
+    assert plan.is_flat
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_any_offset_plan_reads_every_page_once(seed):
+    """Random compositions (chunks in any order and subset, private pages between, shifts from
+    annotations): each (row, page) is read once, by one segment or the own level; a segment's pages
+    lie wholly before each row's queries, one after the other, at the row's shift plus q_shift."""
+    rng = np.random.default_rng(seed)
+    annotations = ChunkPages(512, PAGE)
+    ids = iter(range(1, 512))
+    chunks = []
+    for _ in range(int(rng.integers(1, 5))):
+        n = int(rng.integers(1, 4 * PAGE))
+        pages = [next(ids) for _ in range(-(-n // PAGE))]
+        annotations.annotate(pages, [min(PAGE, n - i * PAGE) for i in range(len(pages))],
+                             [int(rng.integers(0, 3)) * PAGE + i * PAGE for i in range(len(pages))])
+        chunks.append(pages)
+    rows, seq_lens, query_lens = [], [], []
+    for _ in range(int(rng.integers(2, 9))):
+        row = []
+        for c in rng.permutation(len(chunks))[: int(rng.integers(0, len(chunks) + 1))]:
+            row += [next(ids) for _ in range(int(rng.integers(0, 2)))] + chunks[c]
+        row += [next(ids) for _ in range(int(rng.integers(1, 4)))]
+        qlen = int(rng.integers(1, 2 * PAGE))
+        rows.append(row), seq_lens.append(len(row) * PAGE - int(rng.integers(0, PAGE))), query_lens.append(qlen)
+    table = np.zeros((len(rows), max(map(len, rows)) + 2), dtype=np.int64)
+    for i, r in enumerate(rows):
+        table[i, : len(r)] = r
+    seq_lens, query_lens = np.array(seq_lens), np.minimum(np.array(query_lens), seq_lens)
+    shifts = annotations.shifts(table, seq_lens)
+    if shifts is None:
+        return
+    plan = plan_cascade(table, seq_lens, query_lens, PAGE, int(rng.integers(2, 5)), min_saved_pages=1,
+                        min_saved_fraction=0.0, shifts=shifts)
+    read = {r: [] for r in range(len(rows))}
+    for level, segments in enumerate(plan.shared):
+        for seg in segments:
+            assert seg.level == level and len(seg.pages) >= 1
+            base = shifts[seg.rows[0], seg.first_page : seg.first_page + len(seg.pages)]
+            for r, dq in zip(seg.rows, seg.q_shift):
+                col = int(np.flatnonzero(table[r] == seg.pages[0])[0])
+                span = range(col, col + len(seg.pages))
+                assert table[r, list(span)].tolist() == seg.pages.tolist()
+                assert span.stop * PAGE <= seq_lens[r] - query_lens[r]
+                assert (shifts[r, list(span)] == base + dq).all()
+                read[r] += list(span)
+    pages_read = sum(len(s.pages) for lvl in plan.shared for s in lvl)
+    for r, cols in read.items():
+        num_pages = -(-seq_lens[r] // PAGE)
+        assert sorted(cols + list(range(plan.own_first_page[r], num_pages))) == list(range(num_pages))
+        pages_read += num_pages - plan.own_first_page[r]
+    assert plan.pages_read == pages_read <= plan.flat_pages_read
 
 
 def _compose(order, lens, cache_pages, next_page, tail_len):
@@ -125,3 +189,5 @@ def test_torch_path_equals_segment_reference(seed):
             torch.testing.assert_close(out[qsl[r] : qsl[r + 1]], ref.to(out.dtype), rtol=1e-4, atol=2e-5)  # the path computes in float32
     if len(orders) >= 2:
         assert plan.shared, "rows 0 and 1 compose the same order: their chunk pages are one shared level"
+    if len(orders) >= 3:  # row 2 holds chunks 2 and 0 elsewhere than rows 0 and 1: shared all the same
+        assert any(s.q_shift.any() and 2 in s.rows for lvl in plan.shared for s in lvl)

@@ -15,7 +15,7 @@ import pytest
 import torch
 from sharing import random_batch
 
-from vllm_cascade.attention.plan import plan_cascade
+from vllm_cascade.attention.plan import flat_plan, plan_cascade
 from vllm_cascade.attention.worklist import build_worklist
 from vllm_cascade.kv.chunk_pages import ChunkView
 from vllm_cascade.ops.torch_attention import attend, cascade_attention, gather_pages, merge
@@ -212,14 +212,15 @@ def test_fixed_capacity(triton_cascade):
 # (seed, G, head dim, rotary dim, decode step, wide_m, shift run): prefill steps (with wide and narrow
 # items) and decode steps, all with shared levels; GQA 1-4, partial rotary once; shifts per page (keys
 # rotated) or per run of pages (mostly one per item: the query rotated).
-CHUNK_CASES = [(29, 1, 16, 16, False, 32, 1), (11, 2, 32, 16, False, 32, 1), (2, 4, 16, 16, True, 16, 1),
+CHUNK_CASES = [(29, 1, 16, 16, False, 32, 1), (15, 2, 32, 16, False, 32, 1), (2, 4, 16, 16, True, 16, 1),
                (6, 4, 32, 32, False, 64, 1), (29, 2, 32, 16, False, 32, 6), (2, 4, 16, 16, True, 16, 6)]
 
 
 @pytest.mark.skipif(not (ON_GPU or INTERPRETED), reason="needs a GPU or TRITON_INTERPRET=1 from process start")
 @pytest.mark.parametrize("seed,g,d,rot,decode,wide_m,run", CHUNK_CASES)
 def test_chunked_kernels_match_reference(triton_cascade, seed, g, d, rot, decode, wide_m, run):
-    """Steps with chunks: pad slots dropped and keys shifted in shared and own, wide and narrow items."""
+    """Steps with chunks: pad slots dropped and keys shifted in shared and own, wide and narrow items;
+    a row whose shifts differ shares pages all the same, its query rotated back (q_shift)."""
     rng = np.random.default_rng(100 + seed)
     table, seq_lens, query_lens, num_pages = random_batch(rng, 8, max_rows=6)
     if decode:
@@ -229,6 +230,7 @@ def test_chunked_kernels_match_reference(triton_cascade, seed, g, d, rot, decode
     plan = plan_cascade(table, seq_lens, query_lens, 8, 3, min_saved_pages=1, min_saved_fraction=0.0,
                         shifts=chunks.shifts)
     assert plan.shared, "the case must have a shared level"
+    assert any(s.q_shift.any() for lvl in plan.shared for s in lvl), "a row must share at another shift"
     gen = torch.Generator().manual_seed(seed)
     hkv = 2
     k, v = torch.randn(2, num_pages, hkv, 8, d, generator=gen)
@@ -245,7 +247,8 @@ def test_chunked_kernels_match_reference(triton_cascade, seed, g, d, rot, decode
     tol = 2e-3 if ON_GPU else 1e-4
     ref = reference(q, k, v, table, seq_lens, qsl, plan, chunks)
     torch.testing.assert_close(out.cpu(), ref, atol=tol, rtol=tol)
-    assert not torch.allclose(ref, reference(q, k, v, table, seq_lens, qsl, plan), atol=1e-2)  # chunks mattered
+    plain = reference(q, k, v, table, seq_lens, qsl, flat_plan(seq_lens, 8))
+    assert not torch.allclose(ref, plain, atol=1e-2)  # chunks mattered
 
 
 @pytest.mark.skipif(not (ON_GPU or INTERPRETED), reason="needs a GPU or TRITON_INTERPRET=1 from process start")
@@ -291,7 +294,8 @@ def _planned(tc) -> dict[str, list[int]]:
     field = {name: image[offset : offset + size] for name, (offset, size) in layout.items()}
     items, tokens = int(field["item_range"][2]), int(field["num_tokens"][0])
     used = {"items": items, "tokens": tokens, "rows": int(field["contrib_off"][tokens])}
-    sizes = {"q_tokens": int(field["q_off"][items - 1] + field["q_len"][items - 1]) if items else 0,
+    q_entries = int(field["q_off"][items - 1] + field["q_len"][items - 1]) if items else 0
+    sizes = {"q_tokens": q_entries, "q_shift": q_entries,
              "contrib_off": tokens + 1, "item_range": 3, "num_tokens": 1, "chunk_flag": 1}
     from vllm_cascade.ops.triton_cascade import _REGIONS
 

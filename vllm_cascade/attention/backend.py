@@ -38,6 +38,7 @@ from vllm_cascade.attention.plan import (
     flat_plan,
     plan_cascade,
 )
+from vllm_cascade.attention.worklist import WorkListTooLarge
 from vllm_cascade.config import SUPPORTED_HEAD_SIZES, CascadeConfig
 from vllm_cascade.kv.chunk_pages import ChunkView, init_worker_chunk_pages
 from vllm_cascade.ops import torch_attention
@@ -188,8 +189,14 @@ class CascadeMetadataBuilder(AttentionMetadataBuilder[CascadeMetadata]):
             kernel = self.chunk_kernel
         if kernel is not None:
             chunk_args = {"shifts": plan.shifts} if kernel.name == "triton" else {}  # FlashInfer steps have none
-            if kernel.plan(plan, block_table, seq_lens, query_start_loc, **chunk_args):
-                STATS.worklists_advanced += 1
+            try:
+                advanced = kernel.plan(plan, block_table, seq_lens, query_start_loc, **chunk_args)
+            except WorkListTooLarge:
+                # Chunk steps may give a row many segments; a flat plan always fits the decode buffers.
+                plan = flat_plan(seq_lens, self.page_size, plan.shifts)
+                self.reuse.put(reuse_key, plan, seq_lens)
+                advanced = kernel.plan(plan, block_table, seq_lens, query_start_loc, **chunk_args)
+            STATS.worklists_advanced += int(advanced)
         chunks = None
         if plan.shifts is not None:
             STATS.chunk_steps += 1

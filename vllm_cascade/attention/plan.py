@@ -38,13 +38,20 @@ import numpy as np
 
 @dataclass(frozen=True)
 class SharedSegment:
-    """Block-table entries [first_page, first_page + len(pages)) of every row
-    in `rows` hold the same physical `pages`."""
+    """Every row in `rows` holds the same physical `pages`, one after the other.
+
+    Without `q_shift` they sit at block-table entries [first_page, first_page + len(pages))
+    of every row (prefix sharing). Chunk pages (kv/chunk_pages.py) may sit elsewhere in each
+    row: `first_page` is their place in rows[0], which names them, and row i attends them at
+    a key shift of q_shift[i] more than rows[0] does, so its query is rotated back by q_shift[i]
+    (constant over the segment; a row at rows[0]'s place and shift has 0).
+    """
 
     level: int
     rows: np.ndarray  # batch rows (requests) whose queries attend these pages
-    first_page: int  # block-table index of pages[0], the same in every row
+    first_page: int  # block-table index of pages[0] in rows[0] (in every row without q_shift)
     pages: np.ndarray  # physical page ids
+    q_shift: np.ndarray | None = None  # [len(rows)] int32, see above; None: all 0
 
 
 @dataclass(frozen=True)
@@ -153,20 +160,21 @@ def plan_cascade(
         min_saved_fraction: below this share of the flat page reads saved, the
             whole step runs flat: extra passes and merges would cost more.
         shifts: [num_rows, >= max pages] key rotation per block-table entry
-            (kv/chunk_pages.py), or None (all 0). A page is shared only by rows
-            that attend it at the same shift: a shared pass reads it once.
+            (kv/chunk_pages.py), or None (all 0). With shifts, pages are shared
+            wherever they sit in each row (`plan_any_offset`).
     """
     seq_lens = np.asarray(seq_lens, dtype=np.int64)
     query_lens = np.asarray(query_lens, dtype=np.int64)
     num_rows = len(seq_lens)
-    flat_pages = int(_num_pages(seq_lens, block_size).sum())
     # Pages wholly before a row's first query token: attendable without a mask.
     eligible = np.maximum(seq_lens - query_lens, 0) // block_size
     if num_rows < 2 or max_levels < 2 or int(eligible.max(initial=0)) == 0:
         return flat_plan(seq_lens, block_size, shifts)
+    if shifts is not None:
+        return plan_any_offset(block_table, seq_lens, eligible, block_size, max_levels, min_saved_pages,
+                               min_saved_fraction, shifts)
 
-    # What rows must agree on to share an entry: the page and, with chunks, its shift.
-    ident = block_table if shifts is None else block_table.astype(np.int64) * 2**32 + shifts[:, : block_table.shape[1]]
+    ident = block_table
     levels: list[list[SharedSegment]] = [[] for _ in range(max_levels - 1)]
     own_first_page = np.zeros(num_rows, dtype=np.int64)
 
@@ -198,13 +206,117 @@ def plan_cascade(
             visit(rest[group_of == g], end, pending, depth)
 
     visit(np.arange(num_rows), 0, 0, 0)
+    return _finish(levels, own_first_page, seq_lens, block_size, min_saved_fraction, shifts)
+
+
+def _finish(levels: list[list[SharedSegment]], own_first_page: np.ndarray, seq_lens: np.ndarray, block_size: int,
+            min_saved_fraction: float, shifts: np.ndarray | None) -> CascadePlan:
+    """The plan of these levels, or a flat one where they save too little."""
     levels = [lvl for lvl in levels if lvl]
+    flat_pages = int(_num_pages(seq_lens, block_size).sum())
     shared_pages = sum(len(s.pages) for lvl in levels for s in lvl)
-    own_pages = int((_num_pages(seq_lens, block_size) - own_first_page).sum())
-    pages_read = shared_pages + own_pages
+    pages_read = shared_pages + int((_num_pages(seq_lens, block_size) - own_first_page).sum())
     if not levels or flat_pages - pages_read < min_saved_fraction * flat_pages:
         return flat_plan(seq_lens, block_size, shifts)
     return CascadePlan(levels, own_first_page, pages_read, flat_pages, shifts=shifts)
+
+
+def plan_any_offset(
+    block_table: np.ndarray,
+    seq_lens: np.ndarray,
+    eligible: np.ndarray,
+    block_size: int,
+    max_levels: int,
+    min_saved_pages: int,
+    min_saved_fraction: float,
+    shifts: np.ndarray,
+) -> CascadePlan:
+    """Levels of a step with chunk pages, which requests compose in any order: a page is shared
+    by every row that holds it wholly before its queries, wherever it sits in the row.
+
+    Pages held by the same set of rows form segments: runs that every such row holds one after
+    the other, at a key shift that differs from rows[0]'s by one constant per row (q_shift; a
+    chunk's pages qualify, kv/chunk_pages.py). Segments saving fewer than `min_saved_pages`
+    reads are left to their rows. Levels: segments of more rows first; a row's pages before its
+    last shared one that no segment holds are read by a one-row segment of the last level, so
+    that each row's own level stays one range of pages at its end.
+
+    Example (page 4; rows compose chunk pages [7, 8] and [5] in both orders, then a tail page):
+        >>> bt = np.array([[7, 8, 5, 1], [5, 7, 8, 2]])
+        >>> sh = np.array([[3, 3, -8, 0], [-4, 1, 1, 0]])
+        >>> plan = plan_cascade(bt, np.array([13, 13]), np.array([1, 1]), 4, min_saved_pages=1,
+        ...                     min_saved_fraction=0.0, shifts=sh)
+        >>> [(s.rows.tolist(), s.first_page, s.pages.tolist(), s.q_shift.tolist()) for s in plan.shared[0]]
+        [([0, 1], 0, [7, 8], [0, -2]), ([0, 1], 2, [5], [0, 4])]
+        >>> plan.own_first_page.tolist(), plan.pages_read, plan.flat_pages_read
+        ([3, 3], 5, 8)
+    """
+    num_rows = len(seq_lens)
+    # Every (row, column) a row may share, keyed by (page, row) in sorted order.
+    rows_e = np.repeat(np.arange(num_rows), eligible)
+    cols_e = _index_within(eligible)
+    pages_e = block_table[rows_e, cols_e].astype(np.int64)
+    key = pages_e * num_rows + rows_e
+    order = np.argsort(key, kind="stable")
+    key, rows_e, cols_e, pages_e = key[order], rows_e[order], cols_e[order], pages_e[order]
+    # A page a row holds twice (a chunk composed twice) would need two shifts in one segment: not shared.
+    twice = np.unique(pages_e[1:][key[1:] == key[:-1]])
+    starts = np.flatnonzero(np.r_[True, pages_e[1:] != pages_e[:-1]])
+    counts = np.diff(np.r_[starts, len(pages_e)])
+    candidate = (counts >= 2) & ~np.isin(pages_e[starts], twice)
+    # Pages grouped by their exact row set: a random 64-bit sum per set, checked exactly below.
+    row_code = np.random.default_rng(0).integers(0, 2**63, num_rows, dtype=np.int64).view(np.uint64)
+    code = np.add.reduceat(row_code[rows_e], starts) if len(starts) else np.zeros(0, np.uint64)
+    code = np.where(candidate, code, 0)
+
+    segments: list[SharedSegment] = []
+    own_first_page = np.zeros(num_rows, dtype=np.int64)
+    for c in np.unique(code[candidate]):
+        group = np.flatnonzero(code == c)
+        rows = rows_e[starts[group[0]] : starts[group[0]] + counts[group[0]]]
+        # [rows, pages] block-table columns of each page in each row (found by its (page, row) key).
+        pages = pages_e[starts[group]]
+        at = np.searchsorted(key, pages[None, :] * num_rows + rows[:, None])
+        if not (key[np.minimum(at, len(key) - 1)] == pages[None, :] * num_rows + rows[:, None]).all():
+            continue  # two row sets with one code (never seen; correctness over sharing)
+        cols = cols_e[at]
+        by_col = np.argsort(cols[0], kind="stable")
+        pages, cols = pages[by_col], cols[:, by_col]
+        delta = shifts[rows[:, None], cols] - shifts[rows[0], cols[0]][None, :]
+        # A run breaks where some row does not hold the next page right after, or its shift steps.
+        cut = np.flatnonzero(((cols[:, 1:] != cols[:, :-1] + 1) | (delta[:, 1:] != delta[:, :-1])).any(0)) + 1
+        for a, b in zip(np.r_[0, cut], np.r_[cut, len(pages)]):
+            if (len(rows) - 1) * (b - a) >= min_saved_pages:
+                segments.append(SharedSegment(0, rows, int(cols[0, a]), pages[a:b].copy(),
+                                              delta[:, a].astype(np.int32)))
+                np.maximum.at(own_first_page, rows, cols[:, b - 1] + 1)
+    if not segments:
+        return flat_plan(seq_lens, block_size, shifts)
+
+    # Levels by how many rows share, most first; a row's unshared pages before its own level last.
+    sizes = sorted({len(s.rows) for s in segments}, reverse=True)
+    deepest = min(len(sizes), max_levels - 1) - 1
+    levels: list[list[SharedSegment]] = [[] for _ in range(deepest + 1)]
+    covered = np.zeros((num_rows, int(own_first_page.max())), dtype=bool)
+    for s in segments:
+        level = min(sizes.index(len(s.rows)), deepest)
+        levels[level].append(SharedSegment(level, s.rows, s.first_page, s.pages, s.q_shift))
+        rows_at = np.searchsorted(key, s.pages[0] * num_rows + s.rows)
+        for r, col in zip(s.rows, cols_e[rows_at]):
+            covered[r, col : col + len(s.pages)] = True
+    for r in np.flatnonzero(~covered.all(1) & (own_first_page > 0)):
+        gap = ~covered[r, : own_first_page[r]]
+        edges = np.flatnonzero(np.diff(np.r_[0, gap.astype(np.int8), 0]))
+        for a, b in zip(edges[::2], edges[1::2]):
+            levels[deepest].append(SharedSegment(deepest, np.array([r]), int(a), block_table[r, a:b].astype(np.int64),
+                                                 np.zeros(1, np.int32)))
+    return _finish(levels, own_first_page, seq_lens, block_size, min_saved_fraction, shifts)
+
+
+def _index_within(counts: np.ndarray) -> np.ndarray:
+    """[0, 1, .., c0-1, 0, 1, .., c1-1, ...] for counts [c0, c1, ...]."""
+    counts = np.asarray(counts, dtype=np.int64)
+    return np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
 
 
 def _num_pages(seq_lens: np.ndarray, block_size: int) -> np.ndarray:

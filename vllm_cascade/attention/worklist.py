@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from vllm_cascade.attention.plan import CascadePlan
+from vllm_cascade.attention.plan import CascadePlan, _index_within
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,7 @@ class WorkList:
     causal: np.ndarray  # [items] 1: mask keys after each query's position
     item_part: np.ndarray  # [items] partial-result row of the item's first token (one row per item and token)
     q_tokens: np.ndarray  # query-token indices (rows of the step's query tensor), per tile
+    q_shift: np.ndarray  # per entry of q_tokens: its row's segment q_shift (plan.SharedSegment), else 0
     q_pos: np.ndarray  # [tokens] absolute position of each query token
     contrib_off: np.ndarray  # [tokens + 1] CSR over contrib_row: the partial rows each token merges
     contrib_row: np.ndarray
@@ -52,6 +53,10 @@ class WorkList:
     @property
     def num_partial_rows(self) -> int:
         return len(self.contrib_row)
+
+
+class WorkListTooLarge(RuntimeError):
+    """A step's work list does not fit fixed buffers even with one KV run per (tile, segment)."""
 
 
 def build_worklist(
@@ -104,20 +109,21 @@ def _general_worklist(plan: CascadePlan, seq_lens: np.ndarray, qsl: np.ndarray, 
            "wide": t_size > narrow}
 
     # Shared levels: a few segments, each one group of all its rows' tokens.
-    seg_tiles: list[tuple[np.ndarray, int, int, int, bool]] = []  # tokens, bt_row, first_page, kv_end, wide
+    seg_tiles: list[tuple] = []  # tokens, bt_row, first_page, kv_end, wide, q_shift
     for level in plan.shared:
         for seg in level:
             lens = query_lens[seg.rows]
             tokens = np.repeat(qsl[seg.rows], lens) + _index_within(lens)
+            q_shift = np.repeat(_q_shift(seg), lens)
             is_wide = len(tokens) > narrow < wide
             step = wide if is_wide else narrow
             end = (seg.first_page + len(seg.pages)) * page_size
-            seg_tiles += [(tokens[t : t + step], int(seg.rows[0]), seg.first_page, end, is_wide)
+            seg_tiles += [(tokens[t : t + step], int(seg.rows[0]), seg.first_page, end, is_wide, q_shift[t : t + step])
                           for t in range(0, len(tokens), step)]
 
     # Wide tiles first, then narrow: (own wide, shared wide, shared narrow, own narrow), the order
     # `_decode_worklist` builds too.
-    parts, token_parts = [], []
+    parts, token_parts, shift_parts = [], [], []
     for want_wide in (True, False):
         sel = own["wide"] == want_wide
         own_part = {k: v[sel] for k, v in own.items() if k not in ("start", "wide")}
@@ -129,12 +135,15 @@ def _general_worklist(plan: CascadePlan, seq_lens: np.ndarray, qsl: np.ndarray, 
                        "kv_end": np.array([t[3] for t in mine], dtype=np.int64),
                        "causal": np.zeros(len(mine), dtype=np.int64),
                        "run_pages": np.full(len(mine), pages_per_item, dtype=np.int64)}
+        own_shifts = np.zeros(len(own_tokens), np.int64)
         if want_wide:
             parts += [own_part, shared_part]
             token_parts += [own_tokens, *(t[0] for t in mine)]
+            shift_parts += [own_shifts, *(t[5] for t in mine)]
         else:
             parts += [shared_part, own_part]
             token_parts += [*(t[0] for t in mine), own_tokens]
+            shift_parts += [*(t[5] for t in mine), own_shifts]
     tiles = {k: np.concatenate([p[k] for p in parts]).astype(np.int64) for k in parts[0]}
     num_wide_tiles = len(parts[0]["len"]) + len(parts[1]["len"])
     q_tokens = np.concatenate(token_parts).astype(np.int64)
@@ -165,7 +174,7 @@ def _general_worklist(plan: CascadePlan, seq_lens: np.ndarray, qsl: np.ndarray, 
     return WorkList(
         q_off=_i32(tile_off[tile]), q_len=_i32(q_len), bt_row=_i32(bt_row[tile]), page_start=_i32(page_start),
         kv_len=_i32(kv_len), causal=_i32(causal[tile]), item_part=_i32(item_part), q_tokens=_i32(q_tokens),
-        q_pos=_i32(q_pos), contrib_off=contrib_off, contrib_row=contrib_row,
+        q_shift=_i32(np.concatenate(shift_parts)), q_pos=_i32(q_pos), contrib_off=contrib_off, contrib_row=contrib_row,
         num_wide=int(runs[:num_wide_tiles].sum()),
     )
 
@@ -198,6 +207,7 @@ def _decode_worklist(plan: CascadePlan, seq_lens: np.ndarray, page_size: int, na
         kv_len=_i32(np.concatenate([shared["kv_len"], own_kv_len])),
         causal=_i32(np.concatenate([np.zeros(num_shared_items, np.int64), np.ones(len(tile), np.int64)])),
         item_part=_i32(item_part), q_tokens=_i32(np.concatenate([shared["q_tokens"], np.arange(rows)])),
+        q_shift=_i32(np.concatenate([shared["q_shift"], np.zeros(rows, np.int64)])),
         q_pos=_i32(seq_lens - 1), contrib_off=contrib_off,
         contrib_row=np.argsort(row_token, kind="stable").astype(np.int32), num_wide=shared["num_wide"],
     )
@@ -205,19 +215,20 @@ def _decode_worklist(plan: CascadePlan, seq_lens: np.ndarray, page_size: int, na
 
 _EMPTY = np.zeros(0, np.int64)
 _NO_SHARED_ITEMS = {"q_off": _EMPTY, "q_len": _EMPTY, "bt_row": _EMPTY, "page_start": _EMPTY, "kv_len": _EMPTY,
-                    "q_tokens": _EMPTY, "row_token": _EMPTY, "num_wide": 0}
+                    "q_tokens": _EMPTY, "q_shift": _EMPTY, "row_token": _EMPTY, "num_wide": 0}
 
 
 def _shared_decode_items(plan: CascadePlan, page_size: int, narrow: int, pages_per_item: int,
                          wide: int) -> dict:
     """Items of the shared levels of a decode step: wide tiles, then narrow ones (as the general path)."""
-    tiles: list[tuple[np.ndarray, int, int, int, bool]] = []  # tokens, bt_row, first_page, pages, wide
+    tiles: list[tuple] = []  # tokens, bt_row, first_page, pages, wide, q_shift
     for level in plan.shared:
         for seg in level:
             is_wide = len(seg.rows) > narrow < wide
             step = wide if is_wide else narrow
-            tiles += [(seg.rows[t : t + step], int(seg.rows[0]), seg.first_page, len(seg.pages), is_wide)
-                      for t in range(0, len(seg.rows), step)]
+            q_shift = _q_shift(seg)
+            tiles += [(seg.rows[t : t + step], int(seg.rows[0]), seg.first_page, len(seg.pages), is_wide,
+                       q_shift[t : t + step]) for t in range(0, len(seg.rows), step)]
     tiles = [t for t in tiles if t[4]] + [t for t in tiles if not t[4]]
     tokens = [t[0].astype(np.int64) for t in tiles]
     tile_len = np.array([len(t) for t in tokens], dtype=np.int64)
@@ -231,16 +242,16 @@ def _shared_decode_items(plan: CascadePlan, page_size: int, narrow: int, pages_p
         "q_off": tile_off[tile], "q_len": tile_len[tile], "bt_row": np.array([t[1] for t in tiles], np.int64)[tile],
         "page_start": page_start, "kv_len": np.minimum(end[tile] - page_start, pages_per_item) * page_size,
         "q_tokens": np.concatenate(tokens) if tokens else _EMPTY,
+        "q_shift": np.concatenate([t[5] for t in tiles]).astype(np.int64) if tiles else _EMPTY,
         "row_token": np.concatenate([tokens[i] for i in tile]) if len(tile) else _EMPTY,
         "num_wide": int(runs[: sum(t[4] for t in tiles)].sum()),
     }
 
 
+def _q_shift(seg) -> np.ndarray:
+    return np.zeros(len(seg.rows), np.int64) if seg.q_shift is None else seg.q_shift.astype(np.int64)
+
+
 def _i32(a) -> np.ndarray:
     return np.asarray(a, dtype=np.int32)
 
-
-def _index_within(counts: np.ndarray) -> np.ndarray:
-    """[0, 1, .., c0-1, 0, 1, .., c1-1, ...] for counts [c0, c1, ...]."""
-    counts = np.asarray(counts, dtype=np.int64)
-    return np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)

@@ -117,6 +117,10 @@ def cascade_attention(
             pages = torch.as_tensor(seg.pages, device=key_cache.device)
             k, v, _ = _keys(key_cache, value_cache, pages, rows[0], seg.first_page, len(seg.pages) * page, chunks)
             q = torch.cat([query[int(query_start_loc[r]) : int(query_start_loc[r + 1])] for r in rows])
+            if seg.q_shift is not None and seg.q_shift.any():  # rows holding the pages elsewhere (SharedSegment)
+                lens = np.diff(query_start_loc)[seg.rows]
+                back = torch.from_numpy(-np.repeat(seg.q_shift.astype(np.int64), lens)).to(q.device)
+                q = _rotate(q, back, chunks.cos_sin_cache)
             o, lse = attend(q, k, v, scale)
             start = 0
             for r in rows:
@@ -132,8 +136,6 @@ def _keys(k_cache: torch.Tensor, v_cache: torch.Tensor, pages: torch.Tensor, row
           num_keys: int, chunks: ChunkView | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Keys, values [H, L, D] and positions [L] of `num_keys` slots of `pages` (block-table entries
     first_page.. of `row`); with chunks, without pad slots and with keys shifted."""
-    from vllm_cascade.ops.fused_qwen3 import apply_rope_ref
-
     page = k_cache.shape[2]
     k, v = gather_pages(k_cache, pages, num_keys), gather_pages(v_cache, pages, num_keys)
     slot = torch.arange(num_keys, device=k.device)
@@ -143,9 +145,15 @@ def _keys(k_cache: torch.Tensor, v_cache: torch.Tensor, pages: torch.Tensor, row
     col = slot // page
     keep = (slot % page) < chunks.page_valid.to(k.device)[pages.long()][col]
     shift = torch.from_numpy(chunks.shifts[row, first_page + col.cpu().numpy()].astype(np.int64)).to(k.device)
-    d = k.shape[-1]
-    k = apply_rope_ref(k.transpose(0, 1), shift, chunks.cos_sin_cache, d).transpose(0, 1)
+    k = _rotate(k.transpose(0, 1), shift, chunks.cos_sin_cache).transpose(0, 1)
     return k[:, keep], v[:, keep], pos[keep]
+
+
+def _rotate(x: torch.Tensor, shift: torch.Tensor, cos_sin_cache: torch.Tensor) -> torch.Tensor:
+    """[T, H, D] rotated by `shift` [T] more positions (neox RoPE), in float32."""
+    from vllm_cascade.ops.fused_qwen3 import apply_rope_ref
+
+    return apply_rope_ref(x, shift, cos_sin_cache, x.shape[-1])
 
 
 def write_kv(

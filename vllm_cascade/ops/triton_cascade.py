@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from vllm_cascade.attention.worklist import WorkList, is_decode_step
+from vllm_cascade.attention.worklist import WorkList, WorkListTooLarge, is_decode_step
 
 NARROW_M = 16  # query rows (tokens x G) per program for decode-sized groups; tl.dot needs >= 16
 BLOCK_N = 32  # keys per inner step
@@ -43,7 +43,7 @@ BLOCK_N = 32  # keys per inner step
 def _partials_kernel(
     Q, K, V, BT, O_PART, L_PART,
     item_q_off, item_q_len, item_bt_row, item_page_start, item_kv_len, item_causal, item_part, item_range,
-    q_tokens, q_pos,
+    q_tokens, q_shift, q_pos,
     chunk_flag, SHIFTS, PAGE_VALID, COS_SIN,
     sm_scale_log2,
     stride_qt, stride_qh, stride_kp, stride_kh, stride_kn, stride_bt, stride_sh, stride_cs,
@@ -76,6 +76,10 @@ def _partials_kernel(
         # One uniform branch per item, so the plain loop has no chunk code: a branch per key block
         # made wide tiles ~1.7x slower on an H100 even with the flag 0.
         if chunked != 0:
+            # Keys are shifted as in the item's naming row (bt_row); a token of another row that holds
+            # the pages elsewhere (a shared chunk) needs `dq` more, by rotating its query back.
+            dq = tl.load(q_shift + q_off + local, mask=row_ok, other=0)
+            q_row = Q + tok * stride_qt + head * stride_qh
             # An item usually lies within one chunk (or the tail): one shift for all its keys. Then the
             # query is rotated once instead (q . R(s)k = R(-s)q . k) and the loop only masks pads.
             first = tl.load(SHIFTS + bt_row * stride_sh + page_start)
@@ -85,15 +89,14 @@ def _partials_kernel(
                 sh = tl.load(SHIFTS + bt_row * stride_sh + page_start + n // PAGE, mask=n < kv_len, other=first)
                 spread = tl.maximum(spread, tl.max(tl.abs(sh - first)))
             if spread == 0:
-                q_row = Q + tok * stride_qt + head * stride_qh
-                q_first = _rotate_rows(q, q_row, tl.zeros([BLOCK_M], tl.int32) - first, row_ok, COS_SIN, stride_cs,
-                                       HEAD_DIM, ROT)
+                q_first = _rotate_rows(q, q_row, -(first + dq), row_ok, COS_SIN, stride_cs, HEAD_DIM, ROT)
                 m_i, l_i, acc = _kv_run(q_first, pos, row_ok, causal, kv_len, page_start, bt_row, h, K, V, BT, SHIFTS,
                                         PAGE_VALID, COS_SIN, sm_scale_log2, stride_kp, stride_kh, stride_kn,
                                         stride_bt, stride_sh, stride_cs, PAGE, HEAD_DIM, BLOCK_M, BLOCK_N, ROT, True,
                                         False)
             else:
-                m_i, l_i, acc = _kv_run(q, pos, row_ok, causal, kv_len, page_start, bt_row, h, K, V, BT, SHIFTS,
+                q_own = _rotate_rows(q, q_row, -dq, row_ok, COS_SIN, stride_cs, HEAD_DIM, ROT)
+                m_i, l_i, acc = _kv_run(q_own, pos, row_ok, causal, kv_len, page_start, bt_row, h, K, V, BT, SHIFTS,
                                         PAGE_VALID, COS_SIN, sm_scale_log2, stride_kp, stride_kh, stride_kn,
                                         stride_bt, stride_sh, stride_cs, PAGE, HEAD_DIM, BLOCK_M, BLOCK_N, ROT, True,
                                         True)
@@ -229,7 +232,7 @@ def cascade_attention_triton(
         _partials_kernel[(programs, num_kv_heads)](
             q, k_cache, v_cache, block_table, o_part, l_part,
             wl["q_off"], wl["q_len"], wl["bt_row"], wl["page_start"], wl["kv_len"], wl["causal"], wl["item_part"],
-            bounds, wl["q_tokens"], wl["q_pos"],
+            bounds, wl["q_tokens"], wl["q_shift"], wl["q_pos"],
             wl["chunk_flag"], shifts, page_valid, cos_sin,
             scale * 1.4426950408889634,
             q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_table.stride(0),
@@ -246,6 +249,7 @@ def cascade_attention_triton(
 # Which capacity sizes each work-list field's region ("items", "rows", "tokens"), plus a constant.
 _REGIONS = {"q_off": ("items", 0), "q_len": ("items", 0), "bt_row": ("items", 0), "page_start": ("items", 0),
             "kv_len": ("items", 0), "causal": ("items", 0), "item_part": ("items", 0), "q_tokens": ("rows", 0),
+            "q_shift": ("rows", 0),
             "q_pos": ("tokens", 0), "contrib_off": ("tokens", 1), "contrib_row": ("rows", 0),
             "item_range": (None, 3), "num_tokens": (None, 1), "chunk_flag": (None, 1)}
 
@@ -370,7 +374,7 @@ class TritonCascade:
                 self._allocate({k: max(self.capacity[k], 2 * need[k], 16) for k in need})
                 break
             if "tokens" in short or pages_per_item >= max_pages:
-                raise RuntimeError(f"Cascade step needs {need}, over the fixed capacity {self.capacity}")
+                raise WorkListTooLarge(f"Cascade step needs {need}, over the fixed capacity {self.capacity}")
             pages_per_item *= 2
         self.last_pages_per_item = pages_per_item
         arrays = {name: getattr(wl, name) for name in WorkList.__dataclass_fields__ if name != "num_wide"}

@@ -378,25 +378,33 @@ def _write_model(out: pathlib.Path, tie: bool) -> None:
 
 
 def write_random_checkpoint(config_dir: str | os.PathLike, out_dir: str | os.PathLike,
-                            dtype: torch.dtype = torch.bfloat16) -> pathlib.Path:
+                            dtype: torch.dtype = torch.bfloat16, num_hidden_layers: int | None = None) -> pathlib.Path:
     """A real Qwen3 config (e.g. Qwen3-0.6B) with this module's scaled random init.
 
     vLLM's `load_format="dummy"` draws weights so small that every logit is ~0
     (uniform next-token distribution), which makes backend comparisons vacuous;
     these weights give peaked, prompt-dependent distributions. No tokenizer: use
-    token-id prompts with `skip_tokenizer_init=True`.
+    token-id prompts with `skip_tokenizer_init=True`. `num_hidden_layers`
+    overrides the config's depth (same width, fewer layers: a small checkpoint of
+    a large model's shapes). `out_dir` is reused only if its marker holds the hash
+    of the same config, dtype and init; otherwise it is written again.
     """
     from safetensors.torch import save_file
 
     out = pathlib.Path(out_dir)
-    if (out / MARKER).exists():
+    cfg = json.loads((pathlib.Path(config_dir) / "config.json").read_text())
+    if num_hidden_layers is not None:
+        cfg["num_hidden_layers"] = num_hidden_layers
+    spec = {"version": GENERATOR_VERSION, "seed": SEED, "init": DEEP_INIT, "dtype": str(dtype), "config": cfg}
+    digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+    if _is_complete(out, digest):
         return out
     out.mkdir(parents=True, exist_ok=True)
-    cfg = json.loads((pathlib.Path(config_dir) / "config.json").read_text())
+    (out / MARKER).unlink(missing_ok=True)
     weights = {k: v.to(dtype) for k, v in _weights(cfg, unused_ids=[], init=DEEP_INIT).items()}
     save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
-    shutil.copy(pathlib.Path(config_dir) / "config.json", out / "config.json")
-    (out / MARKER).write_text("random\n")
+    (out / "config.json").write_text(json.dumps(cfg, indent=1) + "\n")
+    (out / MARKER).write_text(digest + "\n")  # written last: marks a complete checkpoint
     return out
 
 
