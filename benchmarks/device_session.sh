@@ -8,7 +8,10 @@
 #
 # Steps run in the order given (a machine is held 30 minutes at most, so put
 # first what matters most): host-bench, step-profile, throughput, gpu-check,
-# gpu-tests (triton-tests: the kernel tests alone), kernel-bench, model-bench, chunks-bench. With no STEP: throughput
+# gpu-tests (triton-tests: the kernel tests alone), kernel-bench (kernel-sweep: launch settings at the
+# nosharing and shared shapes), model-bench (model-bench-8b: stock and
+# fused on the Qwen3-8B config), model-check (fused vs stock Qwen3 logprobs, bf16 against fp32, on the
+# 0.6B and 8B configs), chunks-bench. With no STEP: throughput
 # gpu-check gpu-tests kernel-bench. A step that fails does not stop the next;
 # each step's log says how it ended.
 set -u
@@ -24,7 +27,10 @@ run_step() {
     gpu-tests) python3 -m pytest -q tests/test_triton_cascade.py tests/test_gpu_attention.py tests/test_fused_qwen3.py tests/test_chunk_pages.py ;;
     triton-tests) python3 -m pytest -q tests/test_triton_cascade.py tests/test_chunk_pages.py ;;
     kernel-bench) python3 benchmarks/kernel_bench.py ;;
+    kernel-sweep) python3 benchmarks/kernel_bench.py --prefix 0 --own 4352 --sweep; python3 benchmarks/kernel_bench.py --sweep ;;
     model-bench) python3 benchmarks/model_bench.py --model $M --variants stock,fused,fused-noaddmm --log-dir "$RUN" ;;
+    model-bench-8b) python3 benchmarks/model_bench.py --model .models/qwen3-8b --variants stock,fused --log-dir "$RUN" ;;
+    model-check) python3 benchmarks/model_check.py --model $M,.models/qwen3-8b --log-dir "$RUN" ;;
     chunks-bench) python3 benchmarks/chunks_bench.py --model $M --log-dir "$RUN" ;;
     *) echo "unknown step $1"; return 2 ;;
     esac
@@ -54,10 +60,14 @@ poll)
         [ -f "$log" ] || continue
         echo "== $(basename "$log"): $(tail -n 1 "$log" | cut -c1-200)"
     done
-    # What comes back: the step logs, the profiles, then the tails of the per-backend engine logs.
+    # What comes back: the step logs, the profiles, model-check's outputs (tokens and logprobs per
+    # run), then the tails of the per-backend engine logs.
     if [ -n "${OUT:-}" ]; then
-        for f in "$RUN"/progress "$RUN"/*.log "$RUN"/profile-*.txt; do
-            case "$(basename "$f")" in tput-*|check-*|profile-*.log|model-*|chunks-*) continue ;; esac
+        for f in "$RUN"/progress "$RUN"/*.log "$RUN"/profile-*.txt "$RUN"/model-check-*.json; do
+            case "$(basename "$f")" in
+            model-bench*.log|model-check.log|chunks-bench.log) ;;  # step logs named like engine logs
+            tput-*|check-*|profile-*.log|model-*.log|chunks-*) continue ;;
+            esac
             [ -f "$f" ] && cp "$f" "$OUT/"
         done
         for log in "$RUN"/tput-*.log "$RUN"/check-*.log "$RUN"/profile-*.log "$RUN"/model-*.log "$RUN"/chunks-*.log; do

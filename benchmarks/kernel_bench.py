@@ -7,7 +7,12 @@ the measured copy bandwidth. Each variant is checked against the flat
 FlashInfer decode first (relative error), then timed (median of CUDA-event
 timings). Host planning time per step is reported apart.
 
-    python benchmarks/kernel_bench.py [--prefix 8192 --own 192 --batch 64]
+    python benchmarks/kernel_bench.py [--prefix 8192 --own 192 --batch 64] [--sweep]
+
+`--prefix 0` is the `nosharing` shape's decode (flat: every request its own
+pages; e.g. `--prefix 0 --own 4352`). `--sweep` adds the Triton kernels under
+CUDA-graph replay for each pages-per-item and launch setting (keys per inner
+step, warps, pipeline stages), to choose the defaults from.
 """
 
 from __future__ import annotations
@@ -49,13 +54,14 @@ def main() -> None:
     ap.add_argument("--kv-heads", type=int, default=8)
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--page", type=int, default=16)
+    ap.add_argument("--sweep", action="store_true", help="time Triton launch settings under graph replay")
     args = ap.parse_args()
 
     import flashinfer
 
     from vllm_cascade.attention.plan import plan_cascade
     from vllm_cascade.ops.flashinfer_attention import FlashInferCascade
-    from vllm_cascade.ops.triton_cascade import TritonCascade
+    from vllm_cascade.ops.triton_cascade import Launch, TritonCascade
 
     b, page, hq, hkv, d = args.batch, args.page, args.qo_heads, args.kv_heads, args.head_dim
     shared_pages, own_pages = args.prefix // page, -(-args.own // page)
@@ -80,13 +86,15 @@ def main() -> None:
 
     # FlashInfer's own 2-level cascade.
     mlc = flashinfer.MultiLevelCascadeAttentionWrapper(2, workspace, "HND")
-    mlc.plan(
-        [torch.tensor([0, b], dtype=torch.int32), torch.arange(b + 1, dtype=torch.int32)],
-        [torch.tensor([0, shared_pages], dtype=torch.int32), torch.arange(b + 1, dtype=torch.int32) * own_pages],
-        [torch.arange(shared_pages, dtype=torch.int32, device="cuda"), bt[:, shared_pages:].flatten()],
-        [torch.tensor([page], dtype=torch.int32), torch.full((b,), args.own - (own_pages - 1) * page, dtype=torch.int32)],
-        hq, hkv, d, page, sm_scale=scale, q_data_type=torch.bfloat16,
-    )  # fmt: skip
+    shared = shared_pages > 0
+    if shared:
+        mlc.plan(
+            [torch.tensor([0, b], dtype=torch.int32), torch.arange(b + 1, dtype=torch.int32)],
+            [torch.tensor([0, shared_pages], dtype=torch.int32), torch.arange(b + 1, dtype=torch.int32) * own_pages],
+            [torch.arange(shared_pages, dtype=torch.int32, device="cuda"), bt[:, shared_pages:].flatten()],
+            [torch.tensor([page], dtype=torch.int32), torch.full((b,), args.own - (own_pages - 1) * page, dtype=torch.int32)],
+            hq, hkv, d, page, sm_scale=scale, q_data_type=torch.bfloat16,
+        )  # fmt: skip
 
     t0 = time.perf_counter()
     plan = plan_cascade(table, seq_lens, np.ones(b, dtype=int), page, max_levels=2)
@@ -101,11 +109,10 @@ def main() -> None:
         """A variant that writes into `out`, as one that returns its output."""
         return lambda: (run(q, k, v, out), out)[1]
 
-    variants = {
-        "flashinfer decode, flat (stock)": lambda: flat.run(q, (k, v)),
-        "flashinfer MultiLevelCascade, 2 levels": lambda: mlc.run(q, (k, v)),
-        "cascade backend, gpu_kernel=flashinfer": into(ours.run, torch.empty_like(q)),
-    }
+    variants = {"flashinfer decode, flat (stock)": lambda: flat.run(q, (k, v))}
+    if shared:
+        variants["flashinfer MultiLevelCascade, 2 levels"] = lambda: mlc.run(q, (k, v))
+        variants["cascade backend, gpu_kernel=flashinfer"] = into(ours.run, torch.empty_like(q))
     host = {"plan_cascade (numpy)": plan_us, "flashinfer wrappers plan": fi_plan_us}
     for wide_m in (16, 64, 128):  # 16: every tile narrow (the prefix is read once per 8 queries at G=2)
         for pages_per_item in (8, 16, 32):
@@ -117,15 +124,35 @@ def main() -> None:
             host[f"triton work list (wide {wide_m}, {pages_per_item} pages/item)"] = (time.perf_counter() - t0) * 1e6
             variants[f"triton, wide {wide_m}, {pages_per_item} pages/item"] = into(tc.run, torch.empty_like(q))
 
-    # What a FULL CUDA graph replays: fixed buffers, the three launches captured once.
-    fixed = TritonCascade(hq, hkv, page, scale, head_dim=d, capacity={"tokens": 512, "rows": 4096, "items": 4096})
-    fixed.plan(plan, bt, seq_lens, qsl)
-    graph_out = torch.empty_like(q)
-    fixed.run(q, k, v, graph_out)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    def replayed(pages_per_item: int = 16, launches=None):
+        """What a FULL CUDA graph replays: fixed buffers, the three launches captured once."""
+        fixed = TritonCascade(hq, hkv, page, scale, head_dim=d, pages_per_item=pages_per_item, launches=launches,
+                              capacity={"tokens": 512, "rows": 16384, "items": 16384})
+        fixed.plan(plan, bt, seq_lens, qsl)
+        graph_out = torch.empty_like(q)
         fixed.run(q, k, v, graph_out)
-    variants["triton, fixed buffers, CUDA graph replay"] = lambda: (graph.replay(), graph_out)[1]
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fixed.run(q, k, v, graph_out)
+        return lambda: (graph.replay(), graph_out)[1]
+
+    variants["triton, fixed buffers, CUDA graph replay"] = replayed()
+    if args.sweep:
+        default_wide = Launch(num_warps=4)
+        for pages_per_item in (16, 32, 64):
+            for block_n in (32, 64):
+                for warps in (4, 8):
+                    for stages in (None, 2, 4):
+                        narrow = Launch(block_n, warps, stages)
+                        name = f"graph: {pages_per_item} pages/item, narrow {block_n} keys/{warps}w/{stages or '-'}st"
+                        variants[name] = replayed(pages_per_item, (default_wide, narrow))
+        if shared:
+            for block_n in (32, 64):
+                for warps in (4, 8):
+                    for stages in (None, 2, 4):
+                        wide = Launch(block_n, warps, stages)
+                        name = f"graph: 16 pages/item, wide {block_n} keys/{warps}w/{stages or '-'}st"
+                        variants[name] = replayed(16, (wide, Launch()))
 
     kv_bytes = (args.prefix + b * args.own) * hkv * d * 2 * 2
     bandwidth = copy_bandwidth()

@@ -265,8 +265,7 @@ def plan_any_offset(
     counts = np.diff(np.r_[starts, len(pages_e)])
     candidate = (counts >= 2) & ~np.isin(pages_e[starts], twice)
     # Pages grouped by their exact row set: a random 64-bit sum per set, checked exactly below.
-    row_code = np.random.default_rng(0).integers(0, 2**63, num_rows, dtype=np.int64).view(np.uint64)
-    code = np.add.reduceat(row_code[rows_e], starts) if len(starts) else np.zeros(0, np.uint64)
+    code = np.add.reduceat(_row_codes(num_rows)[rows_e], starts) if len(starts) else np.zeros(0, np.uint64)
     code = np.where(candidate, code, 0)
 
     segments: list[SharedSegment] = []
@@ -311,6 +310,17 @@ def plan_any_offset(
             levels[deepest].append(SharedSegment(deepest, np.array([r]), int(a), block_table[r, a:b].astype(np.int64),
                                                  np.zeros(1, np.int32)))
     return _finish(levels, own_first_page, seq_lens, block_size, min_saved_fraction, shifts)
+
+
+_ROW_CODES = np.zeros(0, dtype=np.uint64)
+
+
+def _row_codes(num_rows: int) -> np.ndarray:
+    """A fixed random 64-bit number per batch row (drawn once, grown on demand)."""
+    global _ROW_CODES
+    if len(_ROW_CODES) < num_rows:
+        _ROW_CODES = np.random.default_rng(0).integers(0, 2**63, max(num_rows, 1024), dtype=np.int64).view(np.uint64)
+    return _ROW_CODES
 
 
 def _index_within(counts: np.ndarray) -> np.ndarray:

@@ -28,6 +28,8 @@ Example (see tests/test_triton_cascade.py for a complete, checked one):
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 import triton
@@ -37,6 +39,19 @@ from vllm_cascade.attention.worklist import WorkList, WorkListTooLarge, is_decod
 
 NARROW_M = 16  # query rows (tokens x G) per program for decode-sized groups; tl.dot needs >= 16
 BLOCK_N = 32  # keys per inner step
+
+
+@dataclass(frozen=True)
+class Launch:
+    """How one of the partials launches runs: keys per inner step, warps, software-pipeline stages
+    (None: Triton's default)."""
+
+    block_n: int = BLOCK_N
+    num_warps: int = 4
+    num_stages: int | None = None
+
+    def kwargs(self) -> dict:
+        return {"num_warps": self.num_warps, **({"num_stages": self.num_stages} if self.num_stages else {})}
 
 
 @triton.jit
@@ -209,6 +224,7 @@ def cascade_attention_triton(
     wide_m: int,
     programs: int,
     chunk_tables: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    launches: tuple[Launch, Launch] | None = None,
 ) -> None:
     """q [T, Hq, D]; k/v caches [pages, Hkv, N, D] (same strides, last dim contiguous); out [T, Hq, D].
 
@@ -218,6 +234,7 @@ def cascade_attention_triton(
     each; the grids do not depend on the step. `partials` = (o [rows, Hq, D], lse [rows, Hq]),
     float32. `chunk_tables` = (shifts [rows, P] int32 indexed like the block table, page_valid
     [pages] int32, cos_sin_cache [positions, rot_dim]): read only where chunk_flag[0] != 0.
+    `launches` = (wide, narrow) settings; default: BLOCK_N keys, 4 warps (8 for wide tiles > 64).
     """
     num_heads, head_dim = q.shape[1:]
     num_kv_heads, page = k_cache.shape[1], k_cache.shape[2]
@@ -228,7 +245,8 @@ def cascade_attention_triton(
     assert cos_sin.shape[1] % 2 == 0 and 2 <= cos_sin.shape[1] <= head_dim
     assert shifts.stride(1) == 1 and cos_sin.stride(1) == 1 and page_valid.dtype == torch.int32
     item_range = wl["item_range"]
-    for block_m, bounds in ((wide_m, item_range[0:2]), (NARROW_M, item_range[1:3])):
+    wide, narrow = launches or (Launch(num_warps=4 if wide_m <= 64 else 8), Launch())
+    for block_m, bounds, launch in ((wide_m, item_range[0:2], wide), (NARROW_M, item_range[1:3], narrow)):
         _partials_kernel[(programs, num_kv_heads)](
             q, k_cache, v_cache, block_table, o_part, l_part,
             wl["q_off"], wl["q_len"], wl["bt_row"], wl["page_start"], wl["kv_len"], wl["causal"], wl["item_part"],
@@ -237,8 +255,8 @@ def cascade_attention_triton(
             scale * 1.4426950408889634,
             q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_table.stride(0),
             shifts.stride(0), cos_sin.stride(0),
-            G=g, PAGE=page, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=BLOCK_N, ROT=cos_sin.shape[1],
-            num_warps=4 if block_m <= 64 else 8,
+            G=g, PAGE=page, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=launch.block_n, ROT=cos_sin.shape[1],
+            **launch.kwargs(),
         )  # fmt: skip
     _merge_kernel[(programs, num_heads)](
         o_part, l_part, out, wl["contrib_off"], wl["contrib_row"], wl["num_tokens"],
@@ -280,10 +298,12 @@ class TritonCascade:
 
     def __init__(self, num_qo_heads: int, num_kv_heads: int, page_size: int, scale: float,
                  pages_per_item: int = 16, device: torch.device | str = "cuda", head_dim: int = 128,
-                 wide_m: int = 64, capacity: dict[str, int] | None = None) -> None:
+                 wide_m: int = 64, capacity: dict[str, int] | None = None,
+                 launches: tuple[Launch, Launch] | None = None) -> None:
         self.num_qo_heads, self.group = num_qo_heads, num_qo_heads // num_kv_heads
         self.page_size, self.scale, self.pages_per_item = page_size, scale, pages_per_item
         self.head_dim, self.wide_m = head_dim, max(wide_m, NARROW_M)
+        self.launches = launches  # (wide, narrow); None: cascade_attention_triton's defaults
         self.device = torch.device(device)
         sms = torch.cuda.get_device_properties(self.device).multi_processor_count if self.device.type == "cuda" else 1
         self.programs = max(2, 4 * sms // num_kv_heads)
@@ -424,7 +444,7 @@ class TritonCascade:
     def run(self, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor) -> None:
         cascade_attention_triton(query, k_cache, v_cache, self.block_table, self.worklist, self.scale, out,
                                  self.partials, self.wide_m, self.programs,
-                                 (self._shifts, self._page_valid, self._cos_sin))
+                                 (self._shifts, self._page_valid, self._cos_sin), self.launches)
 
     def _allocate(self, capacity: dict[str, int]) -> None:
         """New regions (pointers change: a captured graph must be captured again after this)."""
