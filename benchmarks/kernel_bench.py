@@ -134,7 +134,7 @@ def main() -> None:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             fixed.run(q, k, v, graph_out)
-        return lambda: (graph.replay(), graph_out)[1]
+        return lambda: (graph.replay(), graph_out, fixed)[1]  # `fixed` owns the buffers the graph reads
 
     variants["triton, fixed buffers, CUDA graph replay"] = replayed()
     if args.sweep:
