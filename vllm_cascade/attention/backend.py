@@ -196,7 +196,7 @@ class CascadeMetadataBuilder(AttentionMetadataBuilder[CascadeMetadata]):
                 plan = flat_plan(seq_lens, self.page_size, plan.shifts)
                 self.reuse.put(reuse_key, plan, seq_lens)
                 advanced = kernel.plan(plan, block_table, seq_lens, query_start_loc, **chunk_args)
-            STATS.worklists_advanced += int(advanced)
+            STATS.worklists_advanced += bool(advanced)  # FlashInfer's plan returns None
         chunks = None
         if plan.shifts is not None:
             STATS.chunk_steps += 1
