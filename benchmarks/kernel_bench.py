@@ -136,7 +136,9 @@ def main() -> None:
             fixed.run(q, k, v, graph_out)
         return lambda: (graph.replay(), graph_out, fixed)[1]  # `fixed` owns the buffers the graph reads
 
-    variants["triton, fixed buffers, CUDA graph replay"] = replayed()
+    variants["triton, fixed buffers, CUDA graph replay (16 pages/item)"] = replayed()
+    # The backend's decode kernel: 32 pages per item on cascade steps, 64 on flat ones.
+    variants["triton, backend decode settings, graph replay"] = replayed(64 if plan.is_flat else 32)
     if args.sweep:
         default_wide = Launch(num_warps=4)
         for pages_per_item in (16, 32, 64):

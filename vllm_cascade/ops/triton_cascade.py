@@ -299,9 +299,11 @@ class TritonCascade:
     def __init__(self, num_qo_heads: int, num_kv_heads: int, page_size: int, scale: float,
                  pages_per_item: int = 16, device: torch.device | str = "cuda", head_dim: int = 128,
                  wide_m: int = 64, capacity: dict[str, int] | None = None,
-                 launches: tuple[Launch, Launch] | None = None) -> None:
+                 launches: tuple[Launch, Launch] | None = None, flat_pages_per_item: int | None = None) -> None:
         self.num_qo_heads, self.group = num_qo_heads, num_qo_heads // num_kv_heads
         self.page_size, self.scale, self.pages_per_item = page_size, scale, pages_per_item
+        # Steps without shared levels stream each row's keys alone: longer runs per item pay there.
+        self.flat_pages_per_item = flat_pages_per_item or pages_per_item
         self.head_dim, self.wide_m = head_dim, max(wide_m, NARROW_M)
         self.launches = launches  # (wide, narrow); None: cascade_attention_triton's defaults
         self.device = torch.device(device)
@@ -381,7 +383,7 @@ class TritonCascade:
     def _build(self, plan, seq_lens: np.ndarray, query_start_loc: np.ndarray) -> None:
         from vllm_cascade.attention.worklist import build_worklist
 
-        pages_per_item = self.pages_per_item
+        pages_per_item = self.flat_pages_per_item if plan.is_flat else self.pages_per_item
         max_pages = -(-int(np.max(seq_lens, initial=0)) // self.page_size)
         while True:
             wl = build_worklist(plan, seq_lens, query_start_loc, self.page_size, NARROW_M // self.group,
