@@ -31,6 +31,7 @@ run_step() {
     model-bench) python3 benchmarks/model_bench.py --model $M --variants stock,fused,fused-noaddmm --log-dir "$RUN" ;;
     model-bench-8b) python3 benchmarks/model_bench.py --model .models/qwen3-8b --variants stock,fused --log-dir "$RUN" ;;
     model-check) python3 benchmarks/model_check.py --model $M,.models/qwen3-8b --log-dir "$RUN" ;;
+    model-check-8b) python3 benchmarks/model_check.py --model .models/qwen3-8b --log-dir "$RUN" ;;
     chunks-bench) python3 benchmarks/chunks_bench.py --model $M --log-dir "$RUN" ;;
     *) echo "unknown step $1"; return 2 ;;
     esac
