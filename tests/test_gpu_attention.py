@@ -19,9 +19,13 @@ def test_flashinfer_matches_torch(head_dim, page, group, cascade):
     from vllm_cascade.ops.flashinfer_attention import FlashInferCascade
 
     hkv = 2
+    split_off = 0
     for seed in range(6):  # fresh inputs every draw
         rng = np.random.default_rng(seed * 1000 + head_dim + page + group)
         table, seq_lens, query_lens, num_pages = random_batch(rng, page, max_rows=10)
+        if seed % 2:  # decode rows first, as vLLM orders a batch: a flat step splits them off
+            order = np.argsort(query_lens != 1, kind="stable")
+            table, seq_lens, query_lens = table[order], seq_lens[order], query_lens[order]
         qsl = np.concatenate([[0], np.cumsum(query_lens)])
         cache = torch.randn(num_pages, hkv, page, 2 * head_dim, device="cuda", dtype=torch.bfloat16)
         k, v = cache[..., :head_dim], cache[..., head_dim:]
@@ -40,3 +44,5 @@ def test_flashinfer_matches_torch(head_dim, page, group, cascade):
         assert not torch.isnan(out).any()
         err = (out.cpu().float() - ref).norm() / ref.norm()
         assert err < 1e-2, f"seed {seed}: relative error {err:.2e}, levels {plan.num_levels}"
+        split_off += fi.num_decode_tokens > 0
+    assert cascade or split_off, "no flat step with decode rows before prefill rows was drawn"

@@ -1,7 +1,10 @@
 """Paged cascade attention on the GPU with FlashInfer: plan once per step, run per layer.
 
 One `BatchPrefillWithPagedKVCacheWrapper` per level, all sharing one float
-workspace. The own level covers every request (causal, bottom-right aligned,
+workspace. A flat step that mixes decode rows (one query token, first in vLLM's
+batch order) with prefill rows sends the decode rows to a
+`BatchDecodeWithPagedKVCacheWrapper`, as vLLM's FlashInfer backend does: the
+prefill kernel spends a whole query tile on each of them. The own level covers every request (causal, bottom-right aligned,
 from `plan.own_first_page` on); each shared level attends its segments' pages
 once for the queries of all their requests, and is merged into the own
 level's rows with `merge_state` (log-sum-exp, exact).
@@ -45,7 +48,10 @@ class FlashInferCascade:
         scale: float,
         max_levels: int = 3,
     ) -> None:
-        from flashinfer import BatchPrefillWithPagedKVCacheWrapper
+        from flashinfer import (
+            BatchDecodeWithPagedKVCacheWrapper,
+            BatchPrefillWithPagedKVCacheWrapper,
+        )
 
         self.device = device
         self.num_qo_heads, self.num_kv_heads, self.head_dim = num_qo_heads, num_kv_heads, head_dim
@@ -55,6 +61,8 @@ class FlashInferCascade:
         self.wrappers = [BatchPrefillWithPagedKVCacheWrapper(self.workspace, "HND") for _ in range(max(1, max_levels))]
         self.level_rows: list[torch.Tensor] = []  # per shared level: query-token indices
         self.flat = True
+        self.decode_wrapper = BatchDecodeWithPagedKVCacheWrapper(self.workspace, "HND", use_tensor_cores=True)
+        self.num_decode_tokens = 0  # leading decode rows of a flat mixed step, run by decode_wrapper
 
     def plan(
         self,
@@ -76,8 +84,22 @@ class FlashInferCascade:
         flat_index = torch.from_numpy(row * block_table.shape[1] + col).to(self.device, non_blocking=True)
         own_pages = torch.take(block_table, flat_index).to(torch.int32)
         kv_lens = seq_lens - first * self.page_size
-        self._plan_level(self.wrappers[0], query_start_loc, kv_indptr, own_pages, kv_lens, causal=True)
         self.flat = plan.is_flat
+        query_lens = np.diff(query_start_loc)
+        d = int(np.argmax(query_lens != 1)) if (query_lens != 1).any() else num_rows  # leading decode rows
+        self.num_decode_tokens = d if self.flat and 0 < d < num_rows else 0
+        if self.num_decode_tokens:
+            self.decode_wrapper.plan(
+                torch.from_numpy(kv_indptr[: d + 1]),
+                own_pages[: int(kv_indptr[d])],
+                torch.from_numpy((kv_lens[:d] - (counts[:d] - 1) * self.page_size).astype(np.int32)),
+                self.num_qo_heads, self.num_kv_heads, self.head_dim, self.page_size,
+                sm_scale=self.scale, q_data_type=self.dtype, kv_data_type=self.dtype,
+            )  # fmt: skip
+            self._plan_level(self.wrappers[0], query_start_loc[d:] - query_start_loc[d], kv_indptr[d:] - kv_indptr[d],
+                             own_pages[int(kv_indptr[d]) :], kv_lens[d:], causal=True)
+        else:
+            self._plan_level(self.wrappers[0], query_start_loc, kv_indptr, own_pages, kv_lens, causal=True)
         self.level_rows = []
         for level, segments in enumerate(plan.shared, start=1):
             tokens = [np.arange(query_start_loc[r], query_start_loc[r + 1]) for s in segments for r in s.rows]
@@ -121,7 +143,10 @@ class FlashInferCascade:
 
         kv = (k_cache, v_cache)
         if self.flat:
-            self.wrappers[0].run(query, kv, out=out)
+            n = self.num_decode_tokens
+            if n:
+                self.decode_wrapper.run(query[:n], kv, out=out[:n])
+            self.wrappers[0].run(query[n:], kv, out=out[n:])
             return
         o, lse = self.wrappers[0].run(query, kv, return_lse=True)
         for wrapper, rows in zip(self.wrappers[1:], self.level_rows):
