@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 
 from vllm_cascade.stats import STATS_DIR_ENV, read_stats_dir, summarize
 
@@ -36,6 +37,20 @@ def engine_backend(label: str) -> dict:
     return {"attention_backend": name, **extra}
 
 
+def run_script(cmd: list[str], tag: str, label: str, env: dict | None = None) -> dict | None:
+    """Run `cmd` (a script writing its JSON result to `tag`.json), logging to `tag`.log;
+    -> the result, None if it failed (said on stdout with the log's name)."""
+    with open(f"{tag}.log", "w") as log:
+        t0 = time.perf_counter()
+        rc = subprocess.run(cmd, check=False, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+    print(f"  {label}: {'ok' if rc == 0 else f'FAILED (exit {rc}), see {log.name}'} ({time.perf_counter() - t0:.0f} s)",
+          flush=True)
+    if rc:
+        return None
+    with open(f"{tag}.json") as f:
+        return json.load(f)
+
+
 def run_per_backend(script: str, child_args: list[str], backends: list[str], tag: str, log_dir: str
                     ) -> tuple[dict[str, object], dict[str, dict]]:
     """-> ({backend: the child's JSON result}, {backend: its summed CASCADE worker stats}).
@@ -45,16 +60,13 @@ def run_per_backend(script: str, child_args: list[str], backends: list[str], tag
     """
     results, stats = {}, {}
     for backend in backends:
-        out = os.path.join(log_dir, f"{tag}-{backend}.json")
+        path = os.path.join(log_dir, f"{tag}-{backend}")
         stats_dir = tempfile.mkdtemp()
-        with open(os.path.join(log_dir, f"{tag}-{backend}.log"), "w") as log:
-            cmd = [sys.executable, script, *child_args, "--backend", backend, "--out", out]
-            env = dict(os.environ, **{STATS_DIR_ENV: stats_dir})
-            if subprocess.run(cmd, check=False, stdout=log, stderr=subprocess.STDOUT, env=env).returncode:
-                print(f"{backend}: failed, see {log.name}")
-                continue
-        with open(out) as f:
-            results[backend] = json.load(f)
+        cmd = [sys.executable, script, *child_args, "--backend", backend, "--out", path + ".json"]
+        result = run_script(cmd, path, backend, env=dict(os.environ, **{STATS_DIR_ENV: stats_dir}))
+        if result is None:
+            continue
+        results[backend] = result
         if backend.startswith("CASCADE"):
             stats[backend] = summarize(read_stats_dir(stats_dir))
     return results, stats

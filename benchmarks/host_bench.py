@@ -9,15 +9,22 @@ rows at different lengths), mean over 300 steps after a warm-up; "afresh"
 plans and builds every step as if every step had new requests. Host timings
 are noisy (30% between runs here), so compare within one run on one machine.
 
+The `orders` case is the composed-chunks workload's decode: 32 requests, each
+4 chunks of 2048 tokens in one of 24 orders + a 64-token tail; afresh, each
+step also derives the key shifts from the page annotations and plans with
+`plan_any_offset`.
+
     python benchmarks/host_bench.py
 """
 
+import itertools
 import time
 
 import numpy as np
 import torch
 
 from vllm_cascade.attention.plan import DecodePlanReuse, flat_plan, plan_cascade
+from vllm_cascade.kv.chunk_pages import ChunkPages
 from vllm_cascade.ops.triton_cascade import TritonCascade
 from vllm_cascade.stats import AttentionStats
 
@@ -35,9 +42,28 @@ def batch(rows: int, prefix: int, own: int, shared: bool) -> tuple[np.ndarray, n
     return table, seq
 
 
-def bench(name: str, rows: int, prefix: int, own: int, shared: bool, reuse_levels: bool) -> None:
-    table, seq = batch(rows, prefix, own, shared)
+def orders_batch(chunk_pages: ChunkPages) -> tuple[np.ndarray, np.ndarray]:
+    """32 rows, each the 4 chunks (128 pages each, annotated) in one of 24 orders, then tail pages."""
+    chunks = [list(range(1 + 128 * c, 1 + 128 * (c + 1))) for c in range(4)]
+    for pages in chunks:
+        chunk_pages.annotate(pages, [PAGE] * 128, [PAGE * i for i in range(128)])
+    orders = list(itertools.permutations(range(4)))
+    seq = 4 * 2048 + 64 + np.arange(32)
+    tail = -(-(int(seq.max()) + STEPS + WARM) // PAGE) - 512
+    table = np.array([[*itertools.chain(*(chunks[c] for c in orders[r % 24])), *range(600 + r * tail, 600 + (r + 1) * tail)]
+                      for r in range(32)], dtype=np.int32)
+    return table, seq
+
+
+def bench(name: str, rows: int, prefix: int, own: int, shared: bool | str, reuse_levels: bool) -> None:
     tc = TritonCascade(16, 8, PAGE, 0.1, device="cpu", capacity={"tokens": 512, "rows": 4096, "items": 4096})
+    chunk_pages = None
+    if shared == "orders":
+        chunk_pages = ChunkPages(600 + 32 * 600, PAGE)
+        table, seq = orders_batch(chunk_pages)
+        tc.set_chunk_tables(torch.from_numpy(chunk_pages.valid), torch.ones(1, 16), rows, table.shape[1])
+    else:
+        table, seq = batch(rows, prefix, own, shared)
     stats, reuse, bt = AttentionStats(), DecodePlanReuse(), torch.from_numpy(table)
     ones, qsl = np.ones(rows, dtype=np.int64), np.arange(rows + 1)
     key = "same requests" if reuse_levels else None
@@ -47,13 +73,14 @@ def bench(name: str, rows: int, prefix: int, own: int, shared: bool, reuse_level
             t0, advanced = time.perf_counter(), 0
         plan = reuse.get(key, seq, PAGE, 0.1)
         if plan is None:
-            plan = plan_cascade(table, seq, ones, PAGE, 3, 64, 0.1) if shared else flat_plan(seq, PAGE)
+            shifts = chunk_pages.shifts(table, seq) if chunk_pages is not None else None
+            plan = plan_cascade(table, seq, ones, PAGE, 3, 64, 0.1, shifts) if shared else flat_plan(seq, PAGE)
             reuse.put(key, plan, seq)
         level_pages, level_queries = plan.level_summary(ones)
         stats.record_step(plan.num_levels, level_pages, level_queries, plan.flat_pages_read, 1000)
         if not reuse_levels:
             tc._decode = None  # as if new requests: build the work list
-        advanced += tc.plan(plan, bt, seq, qsl)
+        advanced += tc.plan(plan, bt, seq, qsl, plan.shifts)
         seq = seq + 1
     per_step = (time.perf_counter() - t0) / STEPS * 1e6
     print(f"{name:<24} {'reused' if reuse_levels else 'afresh':<7} {per_step:7.0f} us/step  "
@@ -62,6 +89,6 @@ def bench(name: str, rows: int, prefix: int, own: int, shared: bool, reuse_level
 
 if __name__ == "__main__":
     for case in (("shared b64 8192+192", 64, 8192, 192, True), ("flat b64 4096+256", 64, 4096, 256, False),
-                 ("flat b1 128+512", 1, 128, 512, False)):
+                 ("flat b1 128+512", 1, 128, 512, False), ("orders b32 4x2048+64", 32, 0, 0, "orders")):
         for reuse_levels in (False, True):
             bench(*case, reuse_levels)

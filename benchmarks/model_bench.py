@@ -38,11 +38,12 @@ import argparse
 import json
 import os
 import random
-import subprocess
 import sys
 import tempfile
 import time
 from typing import Any
+
+from harness import run_script
 
 FUSED = {"hf_overrides": {"architectures": ["CascadeQwen3ForCausalLM"]}}
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -225,15 +226,7 @@ def spawn(args, model: str, variant: str, child: str, log_dir: str, tag: str) ->
     env = dict(os.environ, VLLM_ALLOW_INSECURE_SERIALIZATION="1")  # apply_model sends a function to the worker
     if child == "profile":
         env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine core in this process, where the profiler runs
-    with open(os.path.join(log_dir, f"{tag}.log"), "w") as log:
-        t0 = time.perf_counter()
-        rc = subprocess.run(cmd, check=False, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
-        print(f"  {tag}: {'ok' if rc == 0 else f'FAILED (exit {rc}), see {log.name}'} "
-              f"({time.perf_counter() - t0:.0f} s)", flush=True)
-    if rc:
-        return None
-    with open(out) as f:
-        return json.load(f)
+    return run_script(cmd, os.path.join(log_dir, tag), tag, env)
 
 
 def ratio(a: float | None, b: float | None) -> str:

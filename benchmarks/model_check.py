@@ -50,11 +50,11 @@ import os
 import pathlib
 import random
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 
+from harness import run_script
 from model_bench import DEFAULT_MODELS, FUSED, VARIANTS, VOCAB_LOW
 
 TOL = 0.1  # tests/test_fused_qwen3.py GPU_LOGPROB_TOL
@@ -163,15 +163,7 @@ def spawn(args, model: pathlib.Path, name: str, spec: tuple[str, str, str]) -> d
            "--max-model-len", str(args.max_model_len), "--gpu-memory-utilization", str(args.gpu_memory_utilization)]
     cmd += ["--enforce-eager"] if args.enforce_eager else []
     env = dict(os.environ, VLLM_ALLOW_INSECURE_SERIALIZATION="1")  # apply_model sends a function to the worker
-    with open(tag + ".log", "w") as log:
-        t0 = time.perf_counter()
-        rc = subprocess.run(cmd, check=False, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
-    print(f"  {name} ({dtype}, {backend}): {'ok' if rc == 0 else f'FAILED (exit {rc}), see {log.name}'} "
-          f"({time.perf_counter() - t0:.0f} s)", flush=True)
-    if rc:
-        return None
-    with open(tag + ".json") as f:
-        return json.load(f)
+    return run_script(cmd, tag, f"{name} ({dtype}, {backend})", env)
 
 
 def paths_problem(name: str, result: dict, layers: int) -> str | None:

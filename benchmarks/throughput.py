@@ -15,7 +15,7 @@ import json
 import random
 import time
 
-from harness import backend_arguments, stats_line, engine_backend, run_per_backend
+from harness import backend_arguments, engine_backend, run_per_backend, stats_line
 
 BACKENDS = ["FLASH_ATTN", "FLASHINFER", "CASCADE"]
 VOCAB = 150_000
