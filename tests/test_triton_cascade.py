@@ -334,3 +334,26 @@ def test_decode_steps_advance_the_last_work_list(seed):
                 next_page += 1
         seq_lens = seq_lens + 1
     assert advanced > 0
+
+
+def test_a_step_over_the_fixed_buffers_says_so_and_flat_fits():
+    """Composed rows can hold many shared segments each (one per chunk): a step whose items cannot
+    fit fixed buffers, even one KV run per (tile, segment), raises WorkListTooLarge, and the
+    builder's fallback, a flat plan of the same step, fits (one item per row)."""
+    from vllm_cascade.attention.plan import flat_plan
+    from vllm_cascade.attention.worklist import WorkListTooLarge
+    from vllm_cascade.ops.triton_cascade import TritonCascade
+
+    page, rows, chunks = 4, 4, 6
+    table = np.array([[1 + c for c in np.roll(np.arange(chunks), r)] + [100 + r] for r in range(rows)])
+    seq_lens, qsl = np.full(rows, chunks * page + 1), np.arange(rows + 1)
+    shifts = np.zeros(table.shape, np.int32)
+    plan = plan_cascade(table, seq_lens, np.ones(rows, np.int64), page, min_saved_pages=1, min_saved_fraction=0.0,
+                        shifts=shifts)
+    assert sum(len(lvl) for lvl in plan.shared) >= 2  # chunks at other places in each row, shared anyway
+    tc = TritonCascade(4, 2, page, 0.1, device="cpu", head_dim=16, wide_m=16, pages_per_item=1,
+                       capacity={"tokens": rows, "rows": rows + 1, "items": rows + 1})
+    tc.set_chunk_tables(torch.full((128,), page, dtype=torch.int32), torch.ones(1, 16), rows, table.shape[1])
+    with pytest.raises(WorkListTooLarge):
+        tc.plan(plan, torch.from_numpy(table), seq_lens, qsl, shifts)
+    assert not tc.plan(flat_plan(seq_lens, page, shifts), torch.from_numpy(table), seq_lens, qsl, shifts)
