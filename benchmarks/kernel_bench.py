@@ -18,6 +18,7 @@ step, warps, pipeline stages), to choose the defaults from.
 from __future__ import annotations
 
 import argparse
+import itertools
 import time
 
 import numpy as np
@@ -140,21 +141,17 @@ def main() -> None:
     # The backend's decode kernel: 32 pages per item on cascade steps, 64 on flat ones.
     variants["triton, backend decode settings, graph replay"] = replayed(64 if plan.is_flat else 32)
     if args.sweep:
-        default_wide = Launch(num_warps=4)
-        for pages_per_item in (16, 32, 64):
-            for block_n in (32, 64):
-                for warps in (4, 8):
-                    for stages in (None, 2, 4):
-                        narrow = Launch(block_n, warps, stages)
-                        name = f"graph: {pages_per_item} pages/item, narrow {block_n} keys/{warps}w/{stages or '-'}st"
-                        variants[name] = replayed(pages_per_item, (default_wide, narrow))
-        if shared:
-            for block_n in (32, 64):
-                for warps in (4, 8):
-                    for stages in (None, 2, 4):
-                        wide = Launch(block_n, warps, stages)
-                        name = f"graph: 16 pages/item, wide {block_n} keys/{warps}w/{stages or '-'}st"
-                        variants[name] = replayed(16, (wide, Launch()))
+        # (keys per inner step, warps, pipeline stages) of one launch; the other keeps its default.
+        settings = [Launch(*s) for s in itertools.product((32, 64), (4, 8), (None, 2, 4))]
+
+        def label(launch: Launch) -> str:
+            return f"{launch.block_n} keys/{launch.num_warps}w/{launch.num_stages or '-'}st"
+
+        for pages_per_item, narrow in itertools.product((16, 32, 64), settings):
+            variants[f"graph: {pages_per_item} pages/item, narrow {label(narrow)}"] = replayed(
+                pages_per_item, (Launch(num_warps=4), narrow))
+        for wide in settings if shared else []:
+            variants[f"graph: 16 pages/item, wide {label(wide)}"] = replayed(16, (wide, Launch()))
 
     kv_bytes = (args.prefix + b * args.own) * hkv * d * 2 * 2
     bandwidth = copy_bandwidth()

@@ -31,7 +31,7 @@ Example:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -174,7 +174,6 @@ def plan_cascade(
         return plan_any_offset(block_table, seq_lens, eligible, block_size, max_levels, min_saved_pages,
                                min_saved_fraction, shifts)
 
-    ident = block_table
     levels: list[list[SharedSegment]] = [[] for _ in range(max_levels - 1)]
     own_first_page = np.zeros(num_rows, dtype=np.int64)
 
@@ -184,7 +183,7 @@ def plan_cascade(
         limit = int(eligible[rows].min())
         end = start
         if limit > start:
-            same = (ident[rows, start:limit] == ident[rows[0], start:limit]).all(0)
+            same = (block_table[rows, start:limit] == block_table[rows[0], start:limit]).all(0)
             end = start + (int(np.argmin(same)) if not same.all() else limit - start)
         saved = (len(rows) - 1) * (end - pending)
         if len(rows) > 1 and depth < max_levels - 1 and saved >= min_saved_pages:
@@ -199,7 +198,7 @@ def plan_cascade(
             return
         # Branch on the next page id; np.unique keeps groups in a stable order. Rows alone on their
         # page are done in one go (at batch 64 after a common prefix, that is every row).
-        _, group_of, group_size = np.unique(ident[rest, end], return_inverse=True, return_counts=True)
+        _, group_of, group_size = np.unique(block_table[rest, end], return_inverse=True, return_counts=True)
         alone = group_size[group_of] == 1
         own_first_page[rest[alone]] = pending
         for g in np.flatnonzero(group_size > 1):
@@ -268,7 +267,7 @@ def plan_any_offset(
     code = np.add.reduceat(_row_codes(num_rows)[rows_e], starts) if len(starts) else np.zeros(0, np.uint64)
     code = np.where(candidate, code, 0)
 
-    segments: list[SharedSegment] = []
+    segments: list[tuple[SharedSegment, np.ndarray]] = []  # with each row's block-table index of pages[0]
     own_first_page = np.zeros(num_rows, dtype=np.int64)
     for c in np.unique(code[candidate]):
         group = np.flatnonzero(code == c)
@@ -286,22 +285,21 @@ def plan_any_offset(
         cut = np.flatnonzero(((cols[:, 1:] != cols[:, :-1] + 1) | (delta[:, 1:] != delta[:, :-1])).any(0)) + 1
         for a, b in zip(np.r_[0, cut], np.r_[cut, len(pages)]):
             if (len(rows) - 1) * (b - a) >= min_saved_pages:
-                segments.append(SharedSegment(0, rows, int(cols[0, a]), pages[a:b].copy(),
-                                              delta[:, a].astype(np.int32)))
+                segments.append((SharedSegment(0, rows, int(cols[0, a]), pages[a:b].copy(),
+                                               delta[:, a].astype(np.int32)), cols[:, a]))
                 np.maximum.at(own_first_page, rows, cols[:, b - 1] + 1)
     if not segments:
         return flat_plan(seq_lens, block_size, shifts)
 
     # Levels by how many rows share, most first; a row's unshared pages before its own level last.
-    sizes = sorted({len(s.rows) for s in segments}, reverse=True)
+    sizes = sorted({len(s.rows) for s, _ in segments}, reverse=True)
     deepest = min(len(sizes), max_levels - 1) - 1
     levels: list[list[SharedSegment]] = [[] for _ in range(deepest + 1)]
     covered = np.zeros((num_rows, int(own_first_page.max())), dtype=bool)
-    for s in segments:
+    for s, starts_at in segments:
         level = min(sizes.index(len(s.rows)), deepest)
-        levels[level].append(SharedSegment(level, s.rows, s.first_page, s.pages, s.q_shift))
-        rows_at = np.searchsorted(key, s.pages[0] * num_rows + s.rows)
-        for r, col in zip(s.rows, cols_e[rows_at]):
+        levels[level].append(replace(s, level=level))
+        for r, col in zip(s.rows, starts_at):
             covered[r, col : col + len(s.pages)] = True
     for r in np.flatnonzero(~covered.all(1) & (own_first_page > 0)):
         gap = ~covered[r, : own_first_page[r]]

@@ -1,13 +1,13 @@
 """Paged cascade attention on the GPU with FlashInfer: plan once per step, run per layer.
 
 One `BatchPrefillWithPagedKVCacheWrapper` per level, all sharing one float
-workspace. A flat step that mixes decode rows (one query token, first in vLLM's
-batch order) with prefill rows sends the decode rows to a
-`BatchDecodeWithPagedKVCacheWrapper`, as vLLM's FlashInfer backend does: the
-prefill kernel spends a whole query tile on each of them. The own level covers every request (causal, bottom-right aligned,
+workspace. The own level covers every request (causal, bottom-right aligned,
 from `plan.own_first_page` on); each shared level attends its segments' pages
 once for the queries of all their requests, and is merged into the own
-level's rows with `merge_state` (log-sum-exp, exact).
+level's rows with `merge_state` (log-sum-exp, exact). A flat step that mixes
+decode rows (one query token, first in vLLM's batch order) with prefill rows
+sends the decode rows to a `BatchDecodeWithPagedKVCacheWrapper`, as vLLM's
+FlashInfer backend does: the prefill kernel spends a whole query tile on each.
 
 Example (GPU only):
     >>> import numpy as np, torch
