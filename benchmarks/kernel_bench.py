@@ -125,10 +125,12 @@ def main() -> None:
             host[f"triton work list (wide {wide_m}, {pages_per_item} pages/item)"] = (time.perf_counter() - t0) * 1e6
             variants[f"triton, wide {wide_m}, {pages_per_item} pages/item"] = into(tc.run, torch.empty_like(q))
 
-    def replayed(pages_per_item: int = 16, launches=None):
-        """What a FULL CUDA graph replays: fixed buffers, the three launches captured once."""
+    def replayed(pages_per_item: int = 16, launches=None, programs_per_sm: int = 4):
+        """What a FULL CUDA graph replays: fixed buffers, the launches captured once (both
+        specializations of the partials kernel, as in the backend's graphs)."""
         fixed = TritonCascade(hq, hkv, page, scale, head_dim=d, pages_per_item=pages_per_item, launches=launches,
-                              capacity={"tokens": 512, "rows": 16384, "items": 16384})
+                              capacity={"tokens": 512, "rows": 16384, "items": 16384},
+                              programs_per_sm=programs_per_sm)
         fixed.plan(plan, bt, seq_lens, qsl)
         graph_out = torch.empty_like(q)
         fixed.run(q, k, v, graph_out)
@@ -139,7 +141,10 @@ def main() -> None:
 
     variants["triton, fixed buffers, CUDA graph replay (16 pages/item)"] = replayed()
     # The backend's decode kernel: 32 pages per item on cascade steps, 64 on flat ones.
-    variants["triton, backend decode settings, graph replay"] = replayed(64 if plan.is_flat else 32)
+    backend_pages = 64 if plan.is_flat else 32
+    variants["triton, backend decode settings, graph replay"] = replayed(backend_pages)
+    for per_sm in (2, 8):  # persistent programs per SM (the backend: 4)
+        variants[f"triton, backend settings, {per_sm} programs/SM"] = replayed(backend_pages, None, per_sm)
     if args.sweep:
         # (keys per inner step, warps, pipeline stages) of one launch; the other keeps its default.
         settings = [Launch(*s) for s in itertools.product((32, 64), (4, 8), (None, 2, 4))]

@@ -280,10 +280,26 @@ def test_chunk_flag_follows_each_step(triton_cascade):
         advanced = kernel.plan(plan, dev_table, seq_lens, qsl, chunks.shifts if with_chunks else None)
         assert advanced != fresh
         pointers.add((kernel.worklist["chunk_flag"].data_ptr(), kernel.partials[0].data_ptr()))
-        out = torch.full_like(q, float("nan"), device=device)
-        kernel.run(q.to(device), k.to(device), v.to(device), out)
         ref = reference(q, k, v, table, seq_lens, qsl, plan, chunks if with_chunks else None)
-        torch.testing.assert_close(out.cpu(), ref, atol=2e-3 if ON_GPU else 1e-4, rtol=2e-3 if ON_GPU else 1e-4)
+        tables = (kernel._shifts, kernel._page_valid, kernel._cos_sin)
+        # Eager (the specialization the host asks for), then as a captured graph replays it (both
+        # specializations launched; the flag in device memory gives one of them the items).
+        for chunks_arg in ("eager", None):
+            out = torch.full_like(q, float("nan"), device=device)
+            if chunks_arg == "eager":
+                kernel.run(q.to(device), k.to(device), v.to(device), out)
+            else:
+                triton_cascade.cascade_attention_triton(q.to(device), k.to(device), v.to(device), kernel.block_table,
+                                                        kernel.worklist, kernel.scale, out, kernel.partials,
+                                                        kernel.wide_m, kernel.programs, tables, chunks=None)
+            torch.testing.assert_close(out.cpu(), ref, atol=2e-3 if ON_GPU else 1e-4, rtol=2e-3 if ON_GPU else 1e-4)
+        # The other specialization alone finds no items: no partial is written.
+        for part in kernel.partials:
+            part.fill_(float("nan"))
+        triton_cascade.cascade_attention_triton(q.to(device), k.to(device), v.to(device), kernel.block_table,
+                                                kernel.worklist, kernel.scale, out, kernel.partials, kernel.wide_m,
+                                                kernel.programs, tables, chunks=not with_chunks)
+        assert kernel.partials[1].isnan().all()
         seq_lens = seq_lens + 1  # decode: each row one key further (page 0 where a row needs a new page)
     assert plan.shared and len(pointers) == 1
 

@@ -14,6 +14,8 @@ Composed requests (kv/chunk_pages.py): on a step whose work list has its
 `chunk_flag` set (device memory, so captured graphs follow it), every key
 block drops pad slots (`page_valid`) and is RoPE-rotated by its block-table
 entry's shift before the dot product, as ops/torch_attention.py's `_keys`.
+That path is a second specialization of `_partials_kernel` (CHUNKS); a
+captured graph holds both, and each finds items only when the flag is its own.
 
 Runs under `TRITON_INTERPRET=1` on the CPU (that is how the tests check it
 without a GPU; set the variable before this module is imported).
@@ -63,14 +65,18 @@ def _partials_kernel(
     sm_scale_log2,
     stride_qt, stride_qh, stride_kp, stride_kh, stride_kn, stride_bt, stride_sh, stride_cs,
     G: tl.constexpr, PAGE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    ROT: tl.constexpr,
+    ROT: tl.constexpr, CHUNKS: tl.constexpr,
 ):  # fmt: skip
     # Persistent: the grid is fixed, programs stride over the items [range[0], range[1]) read from memory.
     h = tl.program_id(1)
     num_kv_heads = tl.num_programs(1)
-    # Read at run time, not specialized on: a graph captured on a plain step still applies chunks later.
-    chunked = tl.load(chunk_flag)
-    for w in range(tl.load(item_range) + tl.program_id(0), tl.load(item_range + 1), tl.num_programs(0)):
+    # Two specializations, as one kernel with both branches needs 255 registers and spills in its plain
+    # loop (sm_90). The flag is read at run time: a captured graph launches both, and the one that does
+    # not match this step's flag has no items.
+    first_item, end_item = tl.load(item_range), tl.load(item_range + 1)
+    if (tl.load(chunk_flag) != 0) != CHUNKS:
+        end_item = first_item
+    for w in range(first_item + tl.program_id(0), end_item, tl.num_programs(0)):
         q_off = tl.load(item_q_off + w)
         q_len = tl.load(item_q_len + w)
         bt_row = tl.load(item_bt_row + w).to(tl.int64)
@@ -88,9 +94,7 @@ def _partials_kernel(
         q = tl.load(Q + tok[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :], mask=row_ok[:, None],
                     other=0.0)  # fmt: skip
 
-        # One uniform branch per item, so the plain loop has no chunk code: a branch per key block
-        # made wide tiles ~1.7x slower on an H100 even with the flag 0.
-        if chunked != 0:
+        if CHUNKS:
             # Keys are shifted as in the item's naming row (bt_row); a token of another row that holds
             # the pages elsewhere (a shared chunk) needs `dq` more, by rotating its query back.
             dq = tl.load(q_shift + q_off + local, mask=row_ok, other=0)
@@ -225,6 +229,7 @@ def cascade_attention_triton(
     programs: int,
     chunk_tables: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     launches: tuple[Launch, Launch] | None = None,
+    chunks: bool | None = None,
 ) -> None:
     """q [T, Hq, D]; k/v caches [pages, Hkv, N, D] (same strides, last dim contiguous); out [T, Hq, D].
 
@@ -235,6 +240,8 @@ def cascade_attention_triton(
     float32. `chunk_tables` = (shifts [rows, P] int32 indexed like the block table, page_valid
     [pages] int32, cos_sin_cache [positions, rot_dim]): read only where chunk_flag[0] != 0.
     `launches` = (wide, narrow) settings; default: BLOCK_N keys, 4 warps (8 for wide tiles > 64).
+    `chunks`: the step's chunk_flag if the caller knows it (one specialization launched), None
+    under graph capture (both, each finding items only when the flag matches it at replay).
     """
     num_heads, head_dim = q.shape[1:]
     num_kv_heads, page = k_cache.shape[1], k_cache.shape[2]
@@ -246,18 +253,20 @@ def cascade_attention_triton(
     assert shifts.stride(1) == 1 and cos_sin.stride(1) == 1 and page_valid.dtype == torch.int32
     item_range = wl["item_range"]
     wide, narrow = launches or (Launch(num_warps=4 if wide_m <= 64 else 8), Launch())
+    kinds = (False, True) if chunks is None else (chunks,)
     for block_m, bounds, launch in ((wide_m, item_range[0:2], wide), (NARROW_M, item_range[1:3], narrow)):
-        _partials_kernel[(programs, num_kv_heads)](
-            q, k_cache, v_cache, block_table, o_part, l_part,
-            wl["q_off"], wl["q_len"], wl["bt_row"], wl["page_start"], wl["kv_len"], wl["causal"], wl["item_part"],
-            bounds, wl["q_tokens"], wl["q_shift"], wl["q_pos"],
-            wl["chunk_flag"], shifts, page_valid, cos_sin,
-            scale * 1.4426950408889634,
-            q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_table.stride(0),
-            shifts.stride(0), cos_sin.stride(0),
-            G=g, PAGE=page, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=launch.block_n, ROT=cos_sin.shape[1],
-            **launch.kwargs(),
-        )  # fmt: skip
+        for with_chunks in kinds:
+            _partials_kernel[(programs, num_kv_heads)](
+                q, k_cache, v_cache, block_table, o_part, l_part,
+                wl["q_off"], wl["q_len"], wl["bt_row"], wl["page_start"], wl["kv_len"], wl["causal"], wl["item_part"],
+                bounds, wl["q_tokens"], wl["q_shift"], wl["q_pos"],
+                wl["chunk_flag"], shifts, page_valid, cos_sin,
+                scale * 1.4426950408889634,
+                q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_table.stride(0),
+                shifts.stride(0), cos_sin.stride(0),
+                G=g, PAGE=page, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=launch.block_n, ROT=cos_sin.shape[1],
+                CHUNKS=with_chunks, **launch.kwargs(),
+            )  # fmt: skip
     _merge_kernel[(programs, num_heads)](
         o_part, l_part, out, wl["contrib_off"], wl["contrib_row"], wl["num_tokens"],
         out.stride(0), out.stride(1), HEAD_DIM=head_dim,
@@ -299,7 +308,8 @@ class TritonCascade:
     def __init__(self, num_qo_heads: int, num_kv_heads: int, page_size: int, scale: float,
                  pages_per_item: int = 16, device: torch.device | str = "cuda", head_dim: int = 128,
                  wide_m: int = 64, capacity: dict[str, int] | None = None,
-                 launches: tuple[Launch, Launch] | None = None, flat_pages_per_item: int | None = None) -> None:
+                 launches: tuple[Launch, Launch] | None = None, flat_pages_per_item: int | None = None,
+                 programs_per_sm: int = 4) -> None:
         self.num_qo_heads, self.group = num_qo_heads, num_qo_heads // num_kv_heads
         self.page_size, self.scale, self.pages_per_item = page_size, scale, pages_per_item
         # Steps without shared levels stream each row's keys alone: longer runs per item pay there.
@@ -308,7 +318,7 @@ class TritonCascade:
         self.launches = launches  # (wide, narrow); None: cascade_attention_triton's defaults
         self.device = torch.device(device)
         sms = torch.cuda.get_device_properties(self.device).multi_processor_count if self.device.type == "cuda" else 1
-        self.programs = max(2, 4 * sms // num_kv_heads)
+        self.programs = max(2, programs_per_sm * sms // num_kv_heads)  # x num_kv_heads in the grid
         self.fixed = capacity is not None
         self.capacity = {"items": 0, "rows": 0, "tokens": 0}
         self._host: list[torch.Tensor] = []
@@ -324,6 +334,7 @@ class TritonCascade:
         self._page_valid = torch.full((1,), page_size, dtype=torch.int32, device=self.device)
         self._cos_sin = torch.tensor([[1.0] * (head_dim // 2) + [0.0] * (head_dim // 2)], device=self.device)
         self._has_chunk_tables = False
+        self.chunked = False  # the last planned step's chunk_flag
         if capacity is not None:
             self._allocate(capacity)
 
@@ -347,6 +358,7 @@ class TritonCascade:
             self._build(plan, seq_lens, query_start_loc)
         # Set on every step, advanced or not: the flag is the only thing telling the kernel.
         self._image[self._layout["chunk_flag"][0]] = int(shifts is not None)
+        self.chunked = shifts is not None
         if shifts is not None:
             self._copy_shifts(shifts, seq_lens)
         host = self._next_host()
@@ -444,9 +456,11 @@ class TritonCascade:
         return int(self._image[self._layout["contrib_off"][0] + tokens])
 
     def run(self, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor) -> None:
+        capturing = self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
         cascade_attention_triton(query, k_cache, v_cache, self.block_table, self.worklist, self.scale, out,
                                  self.partials, self.wide_m, self.programs,
-                                 (self._shifts, self._page_valid, self._cos_sin), self.launches)
+                                 (self._shifts, self._page_valid, self._cos_sin), self.launches,
+                                 chunks=None if capturing else self.chunked)
 
     def _allocate(self, capacity: dict[str, int]) -> None:
         """New regions (pointers change: a captured graph must be captured again after this)."""
