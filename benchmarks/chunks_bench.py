@@ -29,9 +29,17 @@ arrival to first token, stats logging on), end-to-end time of the batch and of e
 time when it finished), peak KV pages in use (the engine's block pool: pages referenced by running
 requests plus pinned chunk pages; cached pages nobody holds count as free), pages pinned by
 chunks, prefix-cache hits (vLLM's `num_cached_tokens`) and the share of chunk tokens reused.
+Where TTFT goes, per request, from the engine core's timestamps in the same metrics: waiting in
+its queue (queued -> scheduled), then scheduled -> first token; the rest of TTFT is the front end
+(intake and output processing).
+
+`--profile-steps N` (a diagnostic, not the benchmark): each side runs its engine in its own process
+(`VLLM_ENABLE_V1_MULTIPROCESSING=0`) and adds a third pass whose first N engine steps run under
+torch.profiler: wall and GPU-busy time per step, and the top kernels of those steps. The timed
+pass's numbers are then those of an in-process engine.
 
     python benchmarks/chunks_bench.py --model .models/qwen3-0.6b [--backends FLASHINFER,CASCADE]
-        [--variants orders,chain] [--quick] [--log-dir DIR]
+        [--variants orders,chain] [--quick] [--log-dir DIR] [--profile-steps N]
     # CPU smoke run (tiny model): VLLM_CPU_KVCACHE_SPACE=4 python benchmarks/chunks_bench.py --quick \\
     #     --model ~/.cache/vllm_cascade/<tiny> --backends CPU_ATTN,CASCADE --dtype float32 --load-format auto
 """
@@ -40,6 +48,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import random
 import statistics
 import time
@@ -140,8 +149,10 @@ class Side:
             assert [t for i, t in enumerate(c.token_ids) if i not in set(c.pad_slots)] == p
         return [(c.token_ids, c) for c in composed]
 
-    def run(self, prompts: list, new_tokens: int) -> tuple[list, list[float], float, int]:
-        """All prompts at once -> (outputs in order, seconds until each finished, batch seconds, peak pages used)."""
+    def run(self, prompts: list, new_tokens: int, profile_steps: int = 0) -> tuple[list, list[float], float, int]:
+        """All prompts at once -> (outputs in order, seconds until each finished, batch seconds, peak pages used).
+        With `profile_steps`, the first steps run under torch.profiler (`self.profile`, in-process engines)."""
+        import torch
         from vllm import SamplingParams
 
         from vllm_cascade.chunks.store import with_composition
@@ -149,6 +160,11 @@ class Side:
         engine = self.llm.llm_engine
         params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
         peak = self._used()
+        profiler = None
+        if profile_steps:
+            acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+            profiler = torch.profiler.profile(activities=acts)
+            profiler.__enter__()
         t0 = time.perf_counter()
         self.llm.enqueue([{"prompt_token_ids": p} for p, _ in prompts],
                          [params if c is None else with_composition(params, c) for _, c in prompts], use_tqdm=False)
@@ -162,7 +178,12 @@ class Side:
                     outputs.append(out)
                     finished[out.request_id] = time.perf_counter() - t0
             self.step_s.append(time.perf_counter() - t_step)
+            if profiler is not None and len(self.step_s) == profile_steps:
+                self.profile = _profile_summary(profiler, t0, self.step_s)
+                profiler = None
             peak = max(peak, self._used())
+        if profiler is not None:  # fewer steps than asked for
+            self.profile = _profile_summary(profiler, t0, self.step_s)
         batch = time.perf_counter() - t0
         outputs.sort(key=lambda o: int(o.request_id))
         return outputs, [finished[o.request_id] for o in outputs], batch, peak - self.idle_used
@@ -180,6 +201,30 @@ class Side:
         return self.llm.reset_prefix_cache()
 
 
+def _profile_summary(prof, t0: float, step_s: list[float], top: int = 10) -> dict:
+    """Stop `prof` -> the profiled steps: wall since t0 (intake included), GPU busy, top kernels by GPU time."""
+    import torch
+    from step_profile import gpu_busy_us
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    window_s = time.perf_counter() - t0
+    prof.__exit__(None, None, None)
+    busy, per_name = gpu_busy_us(prof.events())
+    kernels = sorted(per_name.items(), key=lambda kv: -kv[1])[:top]
+    return {"wall_ms": window_s * 1e3, "step_ms": [x * 1e3 for x in step_s], "gpu_busy_ms": busy / 1e3,
+            "top_kernels_ms": {name: us / 1e3 for name, us in kernels}}
+
+
+def _ttft_parts(outs) -> dict[str, float]:
+    """Mean ms of TTFT's parts, from the engine core's timestamps (one clock) and the front end's TTFT."""
+    queue = [o.metrics.scheduled_ts - o.metrics.queued_ts for o in outs]
+    compute = [o.metrics.first_token_ts - o.metrics.scheduled_ts for o in outs]
+    front = [o.metrics.first_token_latency - (o.metrics.first_token_ts - o.metrics.queued_ts) for o in outs]
+    return {"queue_ms": statistics.mean(queue) * 1e3, "scheduled_to_first_ms": statistics.mean(compute) * 1e3,
+            "front_end_ms": statistics.mean(front) * 1e3}
+
+
 def run_backend(args) -> None:
     from vllm_cascade.chunks.layout import ComposedPrompt
     from vllm_cascade.chunks.store import count_composition
@@ -189,7 +234,7 @@ def run_backend(args) -> None:
     results = {"shape": asdict(shape), "page_size": side.page_size}
     for variant in args.variants.split(","):
         orders = request_orders(variant, shape)
-        for phase in ("warm", "timed"):
+        for phase in ("warm", "timed", "profiled") if args.profile_steps else ("warm", "timed"):
             chunks = [_tokens(random.Random(f"chunk-{phase}-{i}"), shape.chunk_tokens, side.vocab)
                       for i in range(shape.chunks)]
             tails = [_tokens(random.Random(f"tail-{variant}-{phase}-{i}"), shape.tail_tokens, side.vocab)
@@ -199,8 +244,14 @@ def run_backend(args) -> None:
             setup_s = time.perf_counter() - t0
             prompts = side.prompts(chunks, ids, orders, tails)
             pinned = side.pinned_pages()
+            if phase == "profiled":
+                side.run(prompts, shape.new_tokens, args.profile_steps)
+                side.clear()
+                continue
             outs, finished, batch_s, peak = side.run(prompts, shape.new_tokens)
             cleared = side.clear()
+            timed = (setup_s, prompts, pinned, outs, finished, batch_s, peak, cleared, side.intake_s, side.step_s)
+        setup_s, prompts, pinned, outs, finished, batch_s, peak, cleared, intake_s, step_s = timed
         if any(o.metrics is None for o in outs):
             raise RuntimeError("vLLM returned no request metrics (stats logging off?)")
         counters = {"compositions": 0, "chunk_tokens": 0, "reused_tokens": 0}
@@ -216,7 +267,8 @@ def run_backend(args) -> None:
             "cached_tokens": sum(o.num_cached_tokens or 0 for o in outs),
             "output_tokens": sum(len(o.outputs[0].token_ids) for o in outs), **counters,
             "first_tokens": [list(o.outputs[0].token_ids[:16]) for o in outs],
-            "intake_s": side.intake_s, "first_steps_s": side.step_s[:4],
+            "intake_s": intake_s, "first_steps_s": step_s[:4], "ttft_parts": _ttft_parts(outs),
+            **({"profile": side.profile} if args.profile_steps else {}),
         }
         r = results[variant]
         print(variant, {k: v for k, v in r.items() if not isinstance(v, list)},
@@ -242,11 +294,16 @@ def main() -> None:
                          f"requests, {QUICK.tail_tokens}-token tails, {QUICK.new_tokens} new tokens")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--load-format", default="dummy")
+    ap.add_argument("--profile-steps", type=int, default=0,
+                    help="diagnostic: profile a third pass's first N steps (in-process engines)")
     args = ap.parse_args()
     if args.backend:
+        if args.profile_steps:
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # before vLLM reads it: kernels in this process
         return run_backend(args)
     child = ["--model", args.model, "--variants", args.variants, "--dtype", args.dtype,
-             "--load-format", args.load_format] + (["--quick"] if args.quick else [])
+             "--load-format", args.load_format, "--profile-steps", str(args.profile_steps)
+             ] + (["--quick"] if args.quick else [])
     table, stats = run_per_backend(__file__, child, args.backends.split(","), "chunks", args.log_dir)
     for name, counters in stats.items():
         print(f"{name} worker stats: {stats_line(counters)}")
@@ -273,8 +330,17 @@ def main() -> None:
             print(f"{'':<7} greedy tokens 1-16 equal to {stock}'s: {same}/{len(c['first_tokens'])} requests "
                   "(chain: exact up to bf16 rounding; orders: chunks composed independently, not expected equal)")
         for b, r in sides.items():
-            print(f"{'':<7} {b}: intake (enqueue) {r['intake_s'] * 1e3:.1f} ms, first steps "
-                  + ", ".join(f"{x * 1e3:.1f}" for x in r["first_steps_s"]) + " ms")
+            parts = r["ttft_parts"]
+            print(f"{'':<7} {b}: TTFT = queue {parts['queue_ms']:.1f} + scheduled to first token "
+                  f"{parts['scheduled_to_first_ms']:.1f} + front end {parts['front_end_ms']:.1f} ms (means); "
+                  f"intake (enqueue) {r['intake_s'] * 1e3:.1f} ms")
+            if "profile" in r:
+                prof = r["profile"]
+                print(f"{'':<7} {b}, profiled pass: first {len(prof['step_ms'])} steps "
+                      f"{prof['wall_ms']:.1f} ms wall (steps " + ", ".join(f"{x:.1f}" for x in prof["step_ms"])
+                      + f"), GPU busy {prof['gpu_busy_ms']:.1f} ms; top kernels (ms):")
+                for kernel, ms in prof["top_kernels_ms"].items():
+                    print(f"{'':<10} {ms:8.2f}  {kernel[:100]}")
         if any(not r["cache_reset"] for r in sides.values()):
             print("  warning: vLLM could not empty its prefix cache after a pass; the next variant may hit it")
 

@@ -11,7 +11,9 @@
 # gpu-tests (triton-tests: the kernel tests alone), kernel-bench (kernel-sweep: launch settings at the
 # nosharing and shared shapes), model-bench (model-bench-8b: stock and
 # fused on the Qwen3-8B config), model-check (fused vs stock Qwen3 logprobs, bf16 against fp32, on the
-# 0.6B and 8B configs), chunks-bench. With no STEP: throughput
+# 0.6B and 8B configs; model-check-unit: 0.6B with unit norm weights, so folding them is exact),
+# chunks-bench (chunks-profile: orders only, in-process engines, the first steps profiled), nosharing
+# (throughput of nosharing and shared, FLASHINFER and CASCADE). With no STEP: throughput
 # gpu-check gpu-tests kernel-bench. A step that fails does not stop the next;
 # each step's log says how it ended.
 set -u
@@ -33,6 +35,10 @@ run_step() {
     model-check) python3 benchmarks/model_check.py --model $M,.models/qwen3-8b --log-dir "$RUN" ;;
     model-check-8b) python3 benchmarks/model_check.py --model .models/qwen3-8b --log-dir "$RUN" ;;
     chunks-bench) python3 benchmarks/chunks_bench.py --model $M --log-dir "$RUN" ;;
+    chunks-profile) python3 benchmarks/chunks_bench.py --model $M --variants orders --profile-steps 3 --log-dir "$RUN" ;;
+    nosharing) python3 benchmarks/throughput.py --model $M --workloads nosharing,shared --backends FLASHINFER,CASCADE \
+                   --log-dir "$RUN" ;;
+    model-check-unit) python3 benchmarks/model_check.py --model $M --unit-norms --log-dir "$RUN" ;;
     *) echo "unknown step $1"; return 2 ;;
     esac
 }
@@ -66,7 +72,7 @@ poll)
     if [ -n "${OUT:-}" ]; then
         for f in "$RUN"/progress "$RUN"/*.log "$RUN"/profile-*.txt "$RUN"/model-check-*.json; do
             case "$(basename "$f")" in
-            model-bench*.log|model-check.log|chunks-bench.log) ;;  # step logs named like engine logs
+            model-bench*.log|model-check.log|model-check-unit.log|chunks-bench.log|chunks-profile.log) ;;  # step logs named like engine logs
             tput-*|check-*|profile-*.log|model-*.log|chunks-*) continue ;;
             esac
             [ -f "$f" ] && cp "$f" "$OUT/"
