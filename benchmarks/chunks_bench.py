@@ -35,7 +35,8 @@ its queue (queued -> scheduled), then scheduled -> first token; the rest of TTFT
 
 `--profile-steps N` (a diagnostic, not the benchmark): each side runs its engine in its own process
 (`VLLM_ENABLE_V1_MULTIPROCESSING=0`) and adds a third pass whose first N engine steps run under
-torch.profiler: wall and GPU-busy time per step, and the top kernels of those steps. The timed
+torch.profiler and cProfile: wall and GPU-busy time per step, the top kernels of those steps, and
+the host's time by Python function. The timed
 pass's numbers are then those of an in-process engine.
 
     python benchmarks/chunks_bench.py --model .models/qwen3-0.6b [--backends FLASHINFER,CASCADE]
@@ -46,9 +47,12 @@ pass's numbers are then those of an in-process engine.
 
 from __future__ import annotations
 
+import cProfile
+import io
 import itertools
 import json
 import os
+import pstats
 import random
 import statistics
 import time
@@ -165,6 +169,8 @@ class Side:
             acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
             profiler = torch.profiler.profile(activities=acts)
             profiler.__enter__()
+            profiler.python = cProfile.Profile()  # host time by Python function (the engine is in-process)
+            profiler.python.enable()
         t0 = time.perf_counter()
         self.llm.enqueue([{"prompt_token_ids": p} for p, _ in prompts],
                          [params if c is None else with_composition(params, c) for _, c in prompts], use_tqdm=False)
@@ -209,11 +215,14 @@ def _profile_summary(prof, t0: float, step_s: list[float], top: int = 10) -> dic
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     window_s = time.perf_counter() - t0
+    prof.python.disable()
     prof.__exit__(None, None, None)
+    text = io.StringIO()
+    pstats.Stats(prof.python, stream=text).sort_stats("cumulative").print_stats(40)
     busy, per_name = gpu_busy_us(prof.events())
     kernels = sorted(per_name.items(), key=lambda kv: -kv[1])[:top]
     return {"wall_ms": window_s * 1e3, "step_ms": [x * 1e3 for x in step_s], "gpu_busy_ms": busy / 1e3,
-            "top_kernels_ms": {name: us / 1e3 for name, us in kernels}}
+            "top_kernels_ms": {name: us / 1e3 for name, us in kernels}, "python_cumulative": text.getvalue()}
 
 
 def _ttft_parts(outs) -> dict[str, float]:
@@ -341,6 +350,7 @@ def main() -> None:
                       + f"), GPU busy {prof['gpu_busy_ms']:.1f} ms; top kernels (ms):")
                 for kernel, ms in prof["top_kernels_ms"].items():
                     print(f"{'':<10} {ms:8.2f}  {kernel[:100]}")
+                print(f"{'':<7} {b}, profiled pass, host (cProfile, inflates wall):\n{prof['python_cumulative']}")
         if any(not r["cache_reset"] for r in sides.values()):
             print("  warning: vLLM could not empty its prefix cache after a pass; the next variant may hit it")
 
