@@ -36,7 +36,7 @@ run_step() {
     model-check) python3 benchmarks/model_check.py --model $M,.models/qwen3-8b --log-dir "$RUN" ;;
     model-check-8b) python3 benchmarks/model_check.py --model .models/qwen3-8b --log-dir "$RUN" ;;
     chunks-bench) python3 benchmarks/chunks_bench.py --model $M --log-dir "$RUN" ;;
-    chunks-profile) python3 benchmarks/chunks_bench.py --model $M --variants orders --profile-steps 3 --log-dir "$RUN" ;;
+    chunks-profile) python3 benchmarks/chunks_bench.py --model $M --variants orders --backends ${CHUNKS_BACKENDS:-FLASHINFER,CASCADE} --profile-steps 3 --log-dir "$RUN" ;;
     nosharing) python3 benchmarks/throughput.py --model $M --workloads nosharing,shared --backends FLASHINFER,CASCADE \
                    --log-dir "$RUN" ;;
     model-check-unit) python3 benchmarks/model_check.py --model $M --unit-norms --log-dir "$RUN" ;;
