@@ -130,10 +130,8 @@ class CascadeMetadataBuilder(AttentionMetadataBuilder[CascadeMetadata]):
             max_pages = -(-vllm_config.model_config.max_model_len // self.page_size)
             max_rows = vllm_config.scheduler_config.max_num_seqs
             # FlashInfer cannot shift keys per page nor mask pads: such steps run the Triton kernels.
-            # Prefill steps have tiles enough to fill the GPU: a shared chunk is read in runs of up to
-            # 128 pages (2,048 tokens at page 16), so each token has few partials to merge.
             self.chunk_kernel = TritonCascade(impl.num_heads, impl.num_kv_heads, self.page_size, impl.scale,
-                                              device=device, head_dim=impl.head_size, pages_per_item=128)
+                                              device=device, head_dim=impl.head_size)
             self._set_chunk_tables(self.chunk_kernel, max_rows, max_pages)
             if self.config.gpu_kernel == "triton":
                 # Any decode step fits: one token per request. One KV run per (tile, level) always

@@ -56,12 +56,6 @@ class Launch:
         return {"num_warps": self.num_warps, **({"num_stages": self.num_stages} if self.num_stages else {})}
 
 
-# The chunk specialization's (wide, narrow) launches. It holds the query rotation (four float32 tiles
-# of the query's shape), so with 4 warps it spills (ptxas sm_90: 642 spill stores for 64-row tiles,
-# 132 for 16-row ones); with these settings it does not (Triton 3.9).
-CHUNK_LAUNCHES = (Launch(num_warps=8, num_stages=2), Launch(num_warps=8))
-
-
 @triton.jit
 def _partials_kernel(
     Q, K, V, BT, O_PART, L_PART,
@@ -245,8 +239,7 @@ def cascade_attention_triton(
     each; the grids do not depend on the step. `partials` = (o [rows, Hq, D], lse [rows, Hq]),
     float32. `chunk_tables` = (shifts [rows, P] int32 indexed like the block table, page_valid
     [pages] int32, cos_sin_cache [positions, rot_dim]): read only where chunk_flag[0] != 0.
-    `launches` = (wide, narrow) settings of the plain specialization; default: BLOCK_N keys, 4 warps
-    (8 for wide tiles > 64). The chunk specialization runs with CHUNK_LAUNCHES.
+    `launches` = (wide, narrow) settings; default: BLOCK_N keys, 4 warps (8 for wide tiles > 64).
     `chunks`: the step's chunk_flag if the caller knows it (one specialization launched), None
     under graph capture (both, each finding items only when the flag matches it at replay).
     """
@@ -261,10 +254,8 @@ def cascade_attention_triton(
     item_range = wl["item_range"]
     wide, narrow = launches or (Launch(num_warps=4 if wide_m <= 64 else 8), Launch())
     kinds = (False, True) if chunks is None else (chunks,)
-    for block_m, bounds, plain_launch, chunk_launch in ((wide_m, item_range[0:2], wide, CHUNK_LAUNCHES[0]),
-                                                          (NARROW_M, item_range[1:3], narrow, CHUNK_LAUNCHES[1])):
+    for block_m, bounds, launch in ((wide_m, item_range[0:2], wide), (NARROW_M, item_range[1:3], narrow)):
         for with_chunks in kinds:
-            launch = chunk_launch if with_chunks else plain_launch
             _partials_kernel[(programs, num_kv_heads)](
                 q, k_cache, v_cache, block_table, o_part, l_part,
                 wl["q_off"], wl["q_len"], wl["bt_row"], wl["page_start"], wl["kv_len"], wl["causal"], wl["item_part"],
