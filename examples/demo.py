@@ -106,7 +106,7 @@ def chunks_demo(llm, params, stats_dir: str) -> None:
                               {"chunks": [b.chunk_id, a.chunk_id], "tail": question}], params)
     print("\n=== chunks: two documents registered once, composed in both orders ===")
     for order, out in zip(("A then B", "B then A"), outputs):
-        print(f"{order}: {out.num_cached_tokens} of {len(out.prompt_token_ids)} prompt slots served from pinned "
+        print(f"{order}: {out.num_cached_tokens} of {len(out.prompt_token_ids)} prompt tokens served from pinned "
               f"chunk pages; A: {out.outputs[0].text.strip()!r}")
     stats = store.stats()
     print(f"chunks {stats['chunks']}, pages pinned {stats['pages_pinned']}, chunk tokens reused "

@@ -56,9 +56,10 @@ def test_chain_composition_reuses_pages_and_matches_stock(store, cascade_engine,
                           greedy())
     want = reference_engine.generate_ids([system + doc + tail, system + tail], max_tokens=16)
     assert [list(o.outputs[0].token_ids) for o in outs] == want
-    # Every page of the chain came from the pinned pages (each chunk's last one padded), none was prefilled again.
-    assert outs[0].num_cached_tokens == (7 + 10) * PAGE
-    assert outs[1].num_cached_tokens == 7 * PAGE
+    # Every page of the chain came from the pinned pages (each chunk's last one padded), none was prefilled
+    # again. The output shows the composition's tokens: the pads are left out, and not counted as cached.
+    assert outs[0].num_cached_tokens == 100 + 150 and outs[1].num_cached_tokens == 100
+    assert [list(o.prompt_token_ids) for o in outs] == [system + doc + tail, system + tail]
     stats = store.stats()
     assert stats["reused_tokens"] == stats["chunk_tokens"] == 250 + 100
     assert_plugin_ran(cascade_engine.stats())
@@ -80,7 +81,7 @@ def test_any_order_reuses_every_chunk_page_and_equals_independent_composition(st
     before = cascade_engine.totals()
     outs = store.generate([{"chunks": [b.chunk_id, a.chunk_id], "tail": tail},
                            {"chunks": [a.chunk_id, b.chunk_id], "tail": tail}], greedy())
-    assert [o.num_cached_tokens for o in outs] == [(5 + 4) * PAGE] * 2  # every chunk page, pads included
+    assert [o.num_cached_tokens for o in outs] == [60 + 70] * 2  # every chunk token (pads left out)
     assert store.stats()["reused_tokens"] == store.stats()["chunk_tokens"] == 2 * (60 + 70)
     model = AutoModelForCausalLM.from_pretrained(str(tiny_model), dtype=torch.float32).eval()
     with torch.no_grad():

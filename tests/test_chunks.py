@@ -214,6 +214,7 @@ def test_composed_prompt_puts_each_chunk_on_its_own_pages():
     assert p.refs == [("a", 2), ("b", 2), ("c", 1)] and p.pad_slots == [5, 6, 7, 17, 18, 19]
     assert p.chunk_tokens == 14 and p.real_tokens(20) == 14 and p.real_tokens(6) == 5
     assert p.extra_args == {"cascade_chunks": ["a:2", "b:2", "c:1"]}
+    assert p.without_pads(p.token_ids) == [1] * 5 + [2] * 8 + [3] + [9, 9]
     # No tail: the last chunk's last page is computed again, so the prompt ends on a real token.
     q = compose_prompt([a, b], [], page_size=4, max_len=100)
     assert q.token_ids == [1] * 5 + [0] * 3 + [2] * 8 and q.refs == [("a", 2), ("b", 1)]
@@ -226,3 +227,22 @@ def test_composition_too_long_is_a_clear_error():
     chunk = ChunkRef("a", [1] * 60, 4)
     with pytest.raises(CompositionTooLong, match="does not fit the model's context"):
         compose_prompt([chunk, chunk], [5] * 10, page_size=16, max_len=128)
+
+
+def test_a_composed_output_is_shown_without_pads_once():
+    """What a client sees of a composed request (store.present_output): token ids and prompt logprobs
+    at real tokens only, cached tokens counted as real tokens; a second pass changes nothing."""
+    from types import SimpleNamespace
+
+    from vllm_cascade.chunks.store import present_output
+
+    p = compose_prompt([ChunkRef("a", [1] * 5, 2), ChunkRef("b", [2] * 2, 1)], [9], page_size=4, max_len=100)
+    out = SimpleNamespace(prompt_token_ids=list(p.token_ids), prompt_logprobs=[None, *range(1, len(p.token_ids))],
+                          num_cached_tokens=12)
+    for _ in range(2):
+        present_output(out, p)
+        assert out.prompt_token_ids == [1] * 5 + [2] * 2 + [9]
+        assert out.prompt_logprobs == [None, 1, 2, 3, 4, 8, 9, 12]
+        assert out.num_cached_tokens == 7  # the 12 cached slots hold 7 tokens
+    streamed = present_output(SimpleNamespace(prompt_token_ids=None, prompt_logprobs=None, num_cached_tokens=0), p)
+    assert streamed.prompt_token_ids is None and streamed.num_cached_tokens == 0

@@ -539,8 +539,9 @@ def hook_compositions(state: Any, current: ContextVar) -> None:
     - `state.openai_serving_chat.render_chat_request`: each rendered chat prompt becomes
       `composition.compose(token_ids)` (`None` for a prompt that is not plain token ids), i.e. the
       chunks' tokens followed by the chat template's, before vLLM sizes and schedules the request;
-    - `state.engine_client.generate`: the request's outputs go to `composition.observe(output)`,
-      where vLLM's `num_cached_tokens` says how much of the prompt the prefix cache served."""
+    - `state.engine_client.generate`: the request's outputs go through `composition.observe(output)`,
+      which counts how much of the prompt the prefix cache served (vLLM's `num_cached_tokens`) and
+      hands on the output without pad slots."""
     chat = getattr(state, "openai_serving_chat", None)
     if chat is not None and not getattr(chat.render_chat_request, "_cascade_wrapped", False):
         render = chat.render_chat_request
@@ -579,8 +580,7 @@ def hook_compositions(state: Any, current: ContextVar) -> None:
 async def _observed(stream: Any, composition: Any) -> Any:
     try:
         async for output in stream:
-            composition.observe(output)
-            yield output
+            yield composition.observe(output)
     finally:
         await stream.aclose()  # a client that went away aborts the request, as without the wrapper
 

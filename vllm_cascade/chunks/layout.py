@@ -58,6 +58,11 @@ class ComposedPrompt:
         """Tokens (pads not counted) among the prompt's first `num_slots` slots."""
         return num_slots - int(np.searchsorted(self.pad_slots, num_slots))
 
+    def without_pads(self, per_slot: Sequence) -> list:
+        """The entries of a per-slot sequence (token ids, prompt logprobs) at the prompt's real tokens."""
+        pads = set(self.pad_slots)
+        return [x for i, x in enumerate(per_slot) if i not in pads]
+
 
 def compose_prompt(chunks: Sequence[ChunkRef], tail: Sequence[int], page_size: int, max_len: int) -> ComposedPrompt:
     """`[A|pad][B|pad]...[tail]`: every chunk on its own pages. With no tail, the last chunk's last

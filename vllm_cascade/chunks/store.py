@@ -135,6 +135,23 @@ def count_composition(counters: dict[str, int], prompt: ComposedPrompt, num_cach
     counters["reused_tokens"] += min(prompt.real_tokens(num_cached_tokens or 0), prompt.chunk_tokens)
 
 
+def present_output(output: Any, prompt: ComposedPrompt) -> Any:
+    """A composed request's vLLM output as its user sees it, in place: the prompt's token ids and
+    prompt logprobs without the pad slots, and `num_cached_tokens` counting real tokens (so that the
+    API's `usage.prompt_tokens` and cached tokens count the composition's tokens, pads aside).
+    Count the composition (`count_composition`, which takes vLLM's slots) before."""
+    if getattr(output, "_cascade_presented", False):  # a stream may hand the same object on again
+        return output
+    if output.prompt_token_ids is not None:
+        output.prompt_token_ids = prompt.without_pads(output.prompt_token_ids)
+    if getattr(output, "prompt_logprobs", None) is not None:
+        output.prompt_logprobs = prompt.without_pads(output.prompt_logprobs)
+    if output.num_cached_tokens is not None:
+        output.num_cached_tokens = prompt.real_tokens(output.num_cached_tokens)
+    output._cascade_presented = True
+    return output
+
+
 def new_counters() -> dict[str, int]:
     """What a chunk front end (ChunkStore, the HTTP ChunkService) measures, from zero."""
     return dict.fromkeys(("compositions", "chunk_tokens", "reused_tokens", "prefilled_chunk_tokens", "saved_chunks",
@@ -265,6 +282,7 @@ class ChunkStore:
                 self.registry.release(ids)
         for out, prompt in zip(outputs, prompts):
             count_composition(self.counters, prompt, out.num_cached_tokens)
+            present_output(out, prompt)
         return outputs
 
     # -- state -------------------------------------------------------------------------------------

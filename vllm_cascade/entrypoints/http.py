@@ -60,6 +60,7 @@ from vllm_cascade.chunks.store import (
     encode_text,
     make_registry,
     new_counters,
+    present_output,
     register_spec,
     registration,
     with_composition,
@@ -227,11 +228,15 @@ class Composition:
         prompt = self.prompt or composition_prompt(self.chunks, [0], self.service.registry.page_size, 1 << 62)
         return prompt.extra_args
 
-    def observe(self, output: Any) -> None:
-        """Count the request's reuse from its first output (vLLM has prefilled it by then)."""
-        if not self._observed and self.prompt is not None:
+    def observe(self, output: Any) -> Any:
+        """Count the request's reuse from its first output (vLLM has prefilled it by then); -> the
+        output as the client sees it (`present_output`: no pad slots)."""
+        if self.prompt is None:
+            return output
+        if not self._observed:
             self._observed = True
             count_composition(self.service.counters, self.prompt, output.num_cached_tokens)
+        return present_output(output, self.prompt)
 
     async def release(self) -> None:
         self._release()
