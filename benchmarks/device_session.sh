@@ -10,7 +10,8 @@
 # first what matters most): host-bench, step-profile, throughput, gpu-check,
 # gpu-tests (triton-tests: the kernel tests alone), kernel-bench (the nosharing and shared decode shapes;
 # kernel-sweep: launch settings at the
-# nosharing and shared shapes), model-bench (model-bench-8b: stock and
+# nosharing and shared shapes), prefill-bench (one layer of the composed-chunks prefill step: the chunk
+# kernel's settings against FlashInfer's prefill kernel), model-bench (model-bench-8b: stock and
 # fused on the Qwen3-8B config), model-check (fused vs stock Qwen3 logprobs, bf16 against fp32, on the
 # 0.6B and 8B configs; model-check-unit: 0.6B with unit norm weights, so folding them is exact),
 # chunks-bench (chunks-profile: orders only, in-process engines, the first steps profiled), nosharing
@@ -30,6 +31,7 @@ run_step() {
     gpu-tests) python3 -m pytest -q tests/test_triton_cascade.py tests/test_gpu_attention.py tests/test_fused_qwen3.py tests/test_chunk_pages.py ;;
     triton-tests) python3 -m pytest -q tests/test_triton_cascade.py tests/test_chunk_pages.py ;;
     kernel-bench) python3 benchmarks/kernel_bench.py --prefix 0 --own 4352; python3 benchmarks/kernel_bench.py ;;
+    prefill-bench) python3 benchmarks/prefill_bench.py ;;
     kernel-sweep) python3 benchmarks/kernel_bench.py --prefix 0 --own 4352 --sweep; python3 benchmarks/kernel_bench.py --sweep ;;
     model-bench) python3 benchmarks/model_bench.py --model $M --variants stock,fused,fused-noaddmm --log-dir "$RUN" ;;
     model-bench-8b) python3 benchmarks/model_bench.py --model .models/qwen3-8b --variants stock,fused --log-dir "$RUN" ;;
