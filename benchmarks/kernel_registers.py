@@ -1,0 +1,84 @@
+"""Registers and spills of the Triton partials kernel, compiled for sm_90 without a GPU.
+
+Triton's wheel ships ptxas, so `triton.compile` with an explicit `GPUTarget` builds the cubin on
+any machine; `cuobjdump --dump-resource-usage` then gives the registers per thread and the stack,
+and the SASS's `STL` instructions count the spill stores. This is how the sixth session found
+that one kernel with a runtime chunk branch took 255 registers and spilled in its plain loop
+(benchmarks/RESULTS.md). A diagnostic for the dev machine: it uses no device time, and says
+nothing about speed. The GPU machine's Triton may allocate differently.
+
+    python benchmarks/kernel_registers.py [--arch 90] [--head-dim 128 --group 2 --page 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import tempfile
+
+
+def resource_usage(fn, constexprs: dict, num_warps: int, num_stages: int | None, arch: int) -> dict[str, int]:
+    """Compile `fn` (a @triton.jit kernel; pointers: bf16 for Q/K/V, fp32 for the partials and
+    the RoPE table, int32 otherwise) -> {"registers", "stack", "spill_stores"}."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    floats = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "O_PART": "*fp32", "L_PART": "*fp32", "COS_SIN": "*fp32"}
+
+    def arg_type(name: str) -> str:
+        if name in constexprs:
+            return "constexpr"
+        if name in floats:
+            return floats[name]
+        if name == "sm_scale_log2":
+            return "fp32"
+        return "i32" if name.startswith("stride") else "*i32"
+
+    names = fn.arg_names
+    source = ASTSource(fn=fn, signature={n: arg_type(n) for n in names},
+                       constexprs={(names.index(k),): v for k, v in constexprs.items()})
+    options = {"num_warps": num_warps, **({"num_stages": num_stages} if num_stages else {})}
+    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+    tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(compiled.asm["cubin"])
+        cubin.flush()
+        usage = subprocess.run([os.path.join(tools, "cuobjdump"), "--dump-resource-usage", cubin.name],
+                               capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([os.path.join(tools, "cuobjdump"), "-sass", cubin.name],
+                              capture_output=True, text=True, check=True).stdout
+    found = re.search(r"REG:(\d+).*?STACK:(\d+)", usage)
+    return {"registers": int(found.group(1)), "stack": int(found.group(2)), "spill_stores": len(re.findall(r"\bSTL", sass))}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", type=int, default=90)
+    ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--group", type=int, default=2, help="query heads per KV head")
+    ap.add_argument("--page", type=int, default=16)
+    args = ap.parse_args()
+
+    from vllm_cascade.ops.triton_cascade import NARROW_M, Launch, _partials_kernel
+
+    # (tile rows, launch): the backend's wide and narrow launches, then settings kernel_bench sweeps.
+    launches = [(64, Launch(num_warps=4)), (NARROW_M, Launch()), (64, Launch(num_warps=8, num_stages=2)),
+                (NARROW_M, Launch(num_warps=8)), (128, Launch(num_warps=8)), (64, Launch(block_n=64, num_warps=8))]
+    print(f"sm_{args.arch}, head dim {args.head_dim}, G {args.group}, page {args.page}")
+    print(f"{'specialization':<15} {'rows':>5} {'keys':>5} {'warps':>6} {'stages':>7} {'registers':>10} {'stack':>6} "
+          f"{'spill stores':>13}")
+    for chunks in (False, True):
+        for rows, launch in launches:
+            constexprs = {"G": args.group, "PAGE": args.page, "HEAD_DIM": args.head_dim, "BLOCK_M": rows,
+                          "BLOCK_N": launch.block_n, "ROT": args.head_dim, "CHUNKS": chunks}
+            use = resource_usage(_partials_kernel, constexprs, launch.num_warps, launch.num_stages, args.arch)
+            print(f"{'chunks' if chunks else 'plain':<15} {rows:>5} {launch.block_n:>5} {launch.num_warps:>6} "
+                  f"{launch.num_stages or '-':>7} {use['registers']:>10} {use['stack']:>6} {use['spill_stores']:>13}",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()
