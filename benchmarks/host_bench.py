@@ -12,7 +12,8 @@ are noisy (30% between runs here), so compare within one run on one machine.
 The `orders` case is the composed-chunks workload's decode: 32 requests, each
 4 chunks of 2048 tokens in one of 24 orders + a 64-token tail; afresh, each
 step also derives the key shifts from the page annotations and plans with
-`plan_any_offset`.
+`plan_any_offset`. The last line is that workload's prefill step (the tails: 64 query
+tokens per row), whose attention dominates its TTFT: shifts, plan and work list, split.
 
     python benchmarks/host_bench.py
 """
@@ -87,8 +88,37 @@ def bench(name: str, rows: int, prefix: int, own: int, shared: bool | str, reuse
           f"(levels {plan.num_levels}, work list advanced on {advanced}/{STEPS} steps)")
 
 
+def bench_orders_prefill(reps: int = 50) -> None:
+    """The composed-chunks tails' prefill step (64 query tokens per row, every chunk page shared
+    by the 32 rows at its own offset in each): key shifts, plan, work list and its buffer."""
+    chunk_pages = ChunkPages(600 + 32 * 600, PAGE)
+    table, seq = orders_batch(chunk_pages)
+    seq = np.full(32, 4 * 2048 + 64)
+    query_lens, qsl = np.full(32, 64), np.arange(33) * 64
+    tc = TritonCascade(16, 8, PAGE, 0.1, device="cpu")  # as the backend's chunk kernel: buffers grow
+    tc.set_chunk_tables(torch.from_numpy(chunk_pages.valid), torch.ones(1, 16), 32, table.shape[1])
+    bt = torch.from_numpy(table)
+    parts = {"shifts": 0.0, "plan": 0.0, "work list": 0.0}
+    for rep in range(WARM + reps):
+        if rep == WARM:
+            parts = dict.fromkeys(parts, 0.0)
+        t0 = time.perf_counter()
+        shifts = chunk_pages.shifts(table, seq)
+        t1 = time.perf_counter()
+        plan = plan_cascade(table, seq, query_lens, PAGE, 3, 64, 0.1, shifts)
+        t2 = time.perf_counter()
+        tc.plan(plan, bt, seq, qsl, shifts)
+        t3 = time.perf_counter()
+        for name, dt in zip(parts, (t1 - t0, t2 - t1, t3 - t2)):
+            parts[name] += dt
+    print(f"{'orders prefill b32 x64':<24} {'afresh':<7} {sum(parts.values()) / reps * 1e6:7.0f} us/step  ("
+          + ", ".join(f"{k} {v / reps * 1e6:.0f}" for k, v in parts.items())
+          + f"; {sum(len(level) for level in plan.shared)} shared segments, {tc.partial_rows} partial rows)")
+
+
 if __name__ == "__main__":
     for case in (("shared b64 8192+192", 64, 8192, 192, True), ("flat b64 4096+256", 64, 4096, 256, False),
                  ("flat b1 128+512", 1, 128, 512, False), ("orders b32 4x2048+64", 32, 0, 0, "orders")):
         for reuse_levels in (False, True):
             bench(*case, reuse_levels)
+    bench_orders_prefill()
