@@ -168,3 +168,15 @@ def test_a_chain_pins_its_real_pages_once_and_deletes_leaf_first(cascade_engine,
     small.delete_chunk(chain[0].chunk_id, cascade=True)
     small.delete_chunk(other.chunk_id)
     assert small.list_chunks() == [] and small.kv_pages()["free"] == before
+
+
+def test_chunks_on_another_backend_are_refused_and_pin_nothing(reference_engine, tiny_model):
+    """A chunk registered on an engine whose attention backend is not CASCADE: the workers refuse its
+    pages (nothing there would mask pads or shift keys), with a message saying so; the pages it
+    prefilled are not kept pinned and the registry holds nothing."""
+    store = ChunkStore(reference_engine.llm)
+    before = store.kv_pages()["free"]
+    with pytest.raises(Exception, match="chunks need the CASCADE attention backend"):  # vLLM's utility error
+        store.register_chunk(token_ids=window(tiny_model, 300, 70))
+    assert store.list_chunks() == [] and store.stats()["pages_pinned"] == 0
+    assert store.kv_pages()["free"] == before  # the references the pin took were dropped

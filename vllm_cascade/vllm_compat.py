@@ -279,12 +279,7 @@ def install_chunk_pins() -> None:
         if len(own) != len(valid):
             raise RuntimeError(f"chunk {chunk_id}: {len(own)} of its {len(valid)} pages are cached after its prefill")
         manager.block_pool.touch(own)
-        ids = [block.block_id for block in own]
-        try:
-            _annotate(self, ids, valid, first)
-        except BaseException:
-            manager.block_pool.free_blocks(own)
-            raise
+        ids = _annotate(self, own, valid, first)
         hasher.chunks[chunk_id] = list(request.block_hashes[first : first + len(own)])
         return ids
 
@@ -329,12 +324,19 @@ def _chunk_request(engine_core: Any, request_id: str, token_ids: list[int], refs
     return manager, request, hasher
 
 
-def _annotate(engine_core: Any, block_ids: list[int], valid: list[int], first_page: int) -> None:
-    """Tell every worker what the chunk pages `block_ids` hold: `valid` keys each, rotated from
-    (first_page + i) * page size on (their place in the registration prompt)."""
+def _annotate(engine_core: Any, blocks: list, valid: list[int], first_page: int) -> list[int]:
+    """Tell every worker what the chunk pages `blocks` (the caller holds a reference to each) hold:
+    `valid` keys each, rotated from (first_page + i) * page size on (their place in the registration
+    prompt). If a worker refuses, the references are dropped before the error goes on. -> block ids."""
+    ids = [block.block_id for block in blocks]
     bs = engine_core.request_block_hasher.block_size
-    rot = [(first_page + i) * bs for i in range(len(block_ids))]
-    engine_core.model_executor.collective_rpc(_worker_annotate_pages, args=(list(block_ids), list(valid), rot))
+    rot = [(first_page + i) * bs for i in range(len(ids))]
+    try:
+        engine_core.model_executor.collective_rpc(_worker_annotate_pages, args=(ids, list(valid), rot))
+    except BaseException:
+        engine_core.scheduler.kv_cache_manager.block_pool.free_blocks(blocks)
+        raise
+    return ids
 
 
 def _worker_annotate_pages(worker: Any, block_ids: list[int], valid: list[int], rot_start: list[int]) -> None:
@@ -482,17 +484,18 @@ def cascade_load_pages(self, chunk_id: str, token_ids: list[int], refs: list, va
     pool.touch(hit[first:])
     new = pool.get_new_blocks(missing) if missing else []
     own = hit[first:] + new
-    try:
-        if new:
+    # On failure nothing is cached under a hash yet: the new blocks go back as plain free blocks.
+    if new:
+        try:
             self.model_executor.collective_rpc(_worker_load_pages, args=(
                 [b.block_id for b in new], stem, dict(sha256), len(hit) - first))
-        _annotate(self, [b.block_id for b in own], valid, first)
-    except BaseException:
-        pool.free_blocks(own)  # nothing was cached under a hash: the new blocks are plain free blocks
-        raise
+        except BaseException:
+            pool.free_blocks(own)
+            raise
+    ids = _annotate(self, own, valid, first)
     pool.cache_full_blocks(request, hit + new, len(hit), num_full, hasher.block_size, 0)
     hasher.chunks[chunk_id] = list(request.block_hashes[first:num_full])
-    return [b.block_id for b in own]
+    return ids
 
 
 def kv_bytes_per_token(vllm_config: Any) -> int:
