@@ -234,6 +234,18 @@ def _ttft_parts(outs) -> dict[str, float]:
             "front_end_ms": statistics.mean(front) * 1e3}
 
 
+def _setup_pass(side: Side, shape: Shape, variant: str, orders: list, phase: str) -> tuple[float, list, int]:
+    """A pass's own chunks (seeded by phase) set up on `side` (warmed or registered)
+    -> (setup seconds, prompts, pinned pages)."""
+    chunks = [_tokens(random.Random(f"chunk-{phase}-{i}"), shape.chunk_tokens, side.vocab) for i in range(shape.chunks)]
+    tails = [_tokens(random.Random(f"tail-{variant}-{phase}-{i}"), shape.tail_tokens, side.vocab)
+             for i in range(shape.requests)]
+    t0 = time.perf_counter()
+    ids = side.setup(variant, chunks)
+    setup_s = time.perf_counter() - t0
+    return setup_s, side.prompts(chunks, ids, orders, tails), side.pinned_pages()
+
+
 def run_backend(args) -> None:
     from vllm_cascade.chunks.layout import ComposedPrompt
     from vllm_cascade.chunks.store import count_composition
@@ -243,24 +255,14 @@ def run_backend(args) -> None:
     results = {"shape": asdict(shape), "page_size": side.page_size}
     for variant in args.variants.split(","):
         orders = request_orders(variant, shape)
-        for phase in ("warm", "timed", "profiled") if args.profile_steps else ("warm", "timed"):
-            chunks = [_tokens(random.Random(f"chunk-{phase}-{i}"), shape.chunk_tokens, side.vocab)
-                      for i in range(shape.chunks)]
-            tails = [_tokens(random.Random(f"tail-{variant}-{phase}-{i}"), shape.tail_tokens, side.vocab)
-                     for i in range(shape.requests)]
-            t0 = time.perf_counter()
-            ids = side.setup(variant, chunks)
-            setup_s = time.perf_counter() - t0
-            prompts = side.prompts(chunks, ids, orders, tails)
-            pinned = side.pinned_pages()
-            if phase == "profiled":
-                side.run(prompts, shape.new_tokens, args.profile_steps)
-                side.clear()
-                continue
+        for phase in ("warm", "timed"):
+            setup_s, prompts, pinned = _setup_pass(side, shape, variant, orders, phase)
             outs, finished, batch_s, peak = side.run(prompts, shape.new_tokens)
             cleared = side.clear()
-            timed = (setup_s, prompts, pinned, outs, finished, batch_s, peak, cleared, side.intake_s, side.step_s)
-        setup_s, prompts, pinned, outs, finished, batch_s, peak, cleared, intake_s, step_s = timed
+        intake_s, step_s = side.intake_s, side.step_s
+        if args.profile_steps:
+            side.run(_setup_pass(side, shape, variant, orders, "profiled")[1], shape.new_tokens, args.profile_steps)
+            side.clear()
         if any(o.metrics is None for o in outs):
             raise RuntimeError("vLLM returned no request metrics (stats logging off?)")
         counters = {"compositions": 0, "chunk_tokens": 0, "reused_tokens": 0}
