@@ -39,6 +39,11 @@ def median_us(fn, reps: int = 50) -> float:
     return float(np.median(times))
 
 
+def launch_label(launch) -> str:
+    """A Launch (ops/triton_cascade.py) as the sweeps print it."""
+    return f"{launch.block_n} keys/{launch.num_warps}w/{launch.num_stages or '-'}st"
+
+
 def copy_bandwidth() -> float:
     """Bytes per second of a large device-to-device copy (read + write counted)."""
     a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
@@ -149,14 +154,11 @@ def main() -> None:
         # (keys per inner step, warps, pipeline stages) of one launch; the other keeps its default.
         settings = [Launch(*s) for s in itertools.product((32, 64), (4, 8), (None, 2, 4))]
 
-        def label(launch: Launch) -> str:
-            return f"{launch.block_n} keys/{launch.num_warps}w/{launch.num_stages or '-'}st"
-
         for pages_per_item, narrow in itertools.product((16, 32, 64), settings):
-            variants[f"graph: {pages_per_item} pages/item, narrow {label(narrow)}"] = replayed(
+            variants[f"graph: {pages_per_item} pages/item, narrow {launch_label(narrow)}"] = replayed(
                 pages_per_item, (Launch(num_warps=4), narrow))
         for wide in settings if shared else []:
-            variants[f"graph: 16 pages/item, wide {label(wide)}"] = replayed(16, (wide, Launch()))
+            variants[f"graph: 16 pages/item, wide {launch_label(wide)}"] = replayed(16, (wide, Launch()))
 
     kv_bytes = (args.prefix + b * args.own) * hkv * d * 2 * 2
     bandwidth = copy_bandwidth()

@@ -32,24 +32,17 @@ import time
 
 import numpy as np
 import torch
+from kernel_bench import launch_label, median_us
 
 
 def timed_us(fn, device: torch.device, reps: int) -> float:
-    for _ in range(2):
-        fn()
-    if device.type != "cuda":
-        t0 = time.perf_counter()
-        fn()
-        return (time.perf_counter() - t0) * 1e6
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) * 1000)
-    return float(np.median(times))
+    """kernel_bench's CUDA-event median on the GPU; one wall-clock run on the CPU (a smoke run)."""
+    if device.type == "cuda":
+        return median_us(fn, reps)
+    fn()
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e6
 
 
 def rope_table(rot: int, max_pos: int) -> torch.Tensor:
@@ -137,8 +130,8 @@ def main() -> None:
     variants = {"triton, backend chunk_kernel (16 pages/item, defaults)": triton_variant(16)}
     wide_settings = [Launch(32, 4), Launch(32, 8, 2), Launch(64, 4), Launch(64, 8, 2)]
     for pages_per_item, wide in itertools.product((16, 32, 64, 128), wide_settings):
-        label = f"{wide.block_n} keys/{wide.num_warps}w/{wide.num_stages or '-'}st"
-        variants[f"triton, {pages_per_item} pages/item, wide 64 rows {label}"] = triton_variant(pages_per_item, 64, wide)
+        variants[f"triton, {pages_per_item} pages/item, wide 64 rows {launch_label(wide)}"] = triton_variant(
+            pages_per_item, 64, wide)
     for pages_per_item in (16, 128):
         variants[f"triton, {pages_per_item} pages/item, wide 128 rows 8w"] = triton_variant(pages_per_item, 128)
     flashinfer = None
