@@ -334,7 +334,6 @@ class TritonCascade:
         self._page_valid = torch.full((1,), page_size, dtype=torch.int32, device=self.device)
         self._cos_sin = torch.tensor([[1.0] * (head_dim // 2) + [0.0] * (head_dim // 2)], device=self.device)
         self._has_chunk_tables = False
-        self.chunked = False  # the last planned step's chunk_flag
         if capacity is not None:
             self._allocate(capacity)
 
@@ -358,7 +357,6 @@ class TritonCascade:
             self._build(plan, seq_lens, query_start_loc)
         # Set on every step, advanced or not: the flag is the only thing telling the kernel.
         self._image[self._layout["chunk_flag"][0]] = int(shifts is not None)
-        self.chunked = shifts is not None
         if shifts is not None:
             self._copy_shifts(shifts, seq_lens)
         host = self._next_host()
@@ -448,6 +446,11 @@ class TritonCascade:
         self._image[q_pos_at : q_pos_at + len(seq_lens)] += 1
         self._decode = (shared, own_first_page, seq_lens, last_item, pages_per_item)
         return True
+
+    @property
+    def chunked(self) -> bool:
+        """The planned step's chunk_flag (as uploaded)."""
+        return bool(self._image[self._layout["chunk_flag"][0]])
 
     @property
     def partial_rows(self) -> int:
