@@ -40,3 +40,43 @@ def composition_layout(lens: list[int], tail_len: int, page_size: int):
     slots = np.cumsum([0] + [pages * page_size for _, pages in prompt.refs])
     true = np.cumsum([0, *lens])
     return slots[:-1].tolist(), true[:-1].tolist(), int(slots[-1]), int(true[-1]), len(prompt.token_ids)
+
+
+def random_compositions(rng: np.random.Generator, page_size: int, max_rows: int = 8, query_len: int | None = None):
+    """Rows composing random chunks in random orders, then a tail, as the chunk store lays them out
+    (each chunk on pages of its own, pads at the end of its last page; the tail on fresh pages).
+    -> block_table [R, P], seq_lens [R], query_lens [R], num_pages, ChunkPages annotated as the
+    engine core annotates registered chunks. Some chunks end exactly on a page boundary, some
+    rows hold a chunk no other row holds (it lands in their own level)."""
+    from vllm_cascade.kv.chunk_pages import ChunkPages
+
+    next_page = iter(range(1, 1_000_000))
+    chunks = []
+    for _ in range(int(rng.integers(2, 5))):
+        n = int(rng.choice([page_size, 2 * page_size, int(rng.integers(1, 3 * page_size))]))
+        pages = [next(next_page) for _ in range(-(-n // page_size))]
+        chunks.append((pages, [page_size] * (len(pages) - 1) + [n - (len(pages) - 1) * page_size]))
+    num_rows = int(rng.integers(2, max_rows + 1))
+    rows, seq_lens, query_lens = [], [], []
+    for _ in range(num_rows):
+        order = rng.permutation(len(chunks))[: int(rng.integers(1, len(chunks) + 1))]
+        own_chunk = rng.random() < 0.2  # a chunk of this row alone, last before its tail
+        if own_chunk:
+            n = int(rng.integers(1, 2 * page_size))
+            pages = [next(next_page) for _ in range(-(-n // page_size))]
+            chunks.append((pages, [page_size] * (len(pages) - 1) + [n - (len(pages) - 1) * page_size]))
+            order = np.r_[order, len(chunks) - 1]
+        prefix = [p for c in order for p in chunks[c][0]]
+        tail = int(rng.integers(1, 3 * page_size))
+        q = query_len or (int(rng.integers(1, tail + 1)) if rng.random() < 0.7 else 1)
+        rows.append(prefix + [next(next_page) for _ in range(-(-tail // page_size))])
+        seq_lens.append(len(prefix) * page_size + tail)
+        query_lens.append(min(q, tail))
+    num_pages = next(next_page)
+    table = np.zeros((num_rows, max(len(r) for r in rows) + 2), dtype=np.int64)
+    for i, r in enumerate(rows):
+        table[i, : len(r)] = r
+    annotated = ChunkPages(num_pages, page_size)
+    for pages, valid in chunks:
+        annotated.annotate(pages, valid, [j * page_size for j in range(len(pages))])
+    return table, np.array(seq_lens), np.array(query_lens), num_pages, annotated

@@ -46,3 +46,45 @@ def test_flashinfer_matches_torch(head_dim, page, group, cascade):
         assert err < 1e-2, f"seed {seed}: relative error {err:.2e}, levels {plan.num_levels}"
         split_off += fi.num_decode_tokens > 0
     assert cascade or split_off, "no flat step with decode rows before prefill rows was drawn"
+
+
+@pytest.mark.parametrize("group", [1, 2, 4])
+@pytest.mark.parametrize("page", [16, 32])
+def test_flashinfer_chunk_steps_match_torch(group, page):
+    """Steps of composed requests (chunks in any order, pads, a row's own chunk), split for
+    FlashInfer (plan.split_uniform): the reference path's result, prefill and decode steps."""
+    from sharing import random_compositions
+
+    from vllm_cascade.attention.plan import split_uniform
+    from vllm_cascade.kv.chunk_pages import ChunkView
+    from vllm_cascade.ops.flashinfer_attention import FlashInferCascade
+
+    hkv, head_dim = 2, 128
+    inv_freq = 1.0 / (1e6 ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    freqs = torch.outer(torch.arange(4096, dtype=torch.float32), inv_freq)
+    cos_sin = torch.cat((freqs.cos(), freqs.sin()), dim=-1)
+    scale = head_dim**-0.5
+    fi = FlashInferCascade(torch.device("cuda"), hkv * group, hkv, head_dim, page, torch.bfloat16, scale,
+                           cos_sin.cuda())
+    for seed in range(8):
+        rng = np.random.default_rng(seed * 100 + page + group)
+        table, seq_lens, query_lens, num_pages, annotated = random_compositions(rng, page,
+                                                                                query_len=1 if seed % 3 == 0 else None)
+        qsl = np.concatenate([[0], np.cumsum(query_lens)])
+        shifts = annotated.shifts(table, seq_lens)
+        plan = plan_cascade(table, seq_lens, query_lens, page, 3, min_saved_pages=1, min_saved_fraction=0.0,
+                            shifts=shifts)
+        split = split_uniform(plan, table, seq_lens, query_lens, page, annotated.valid)
+        cache = torch.randn(num_pages, hkv, page, 2 * head_dim, device="cuda", dtype=torch.bfloat16)
+        k, v = cache[..., :head_dim], cache[..., head_dim:]
+        q = torch.randn(int(qsl[-1]), hkv * group, head_dim, device="cuda", dtype=torch.bfloat16)
+        fi.plan(split, torch.from_numpy(table).to("cuda", torch.int32), seq_lens, qsl)
+        out = torch.full_like(q, float("nan"))
+        fi.run(q, k, v, out)
+        ref = torch.empty(q.shape, dtype=torch.float32)
+        view = ChunkView(shifts, torch.from_numpy(annotated.valid.copy()), cos_sin)
+        cascade_attention(q.cpu().float(), k.cpu().float(), v.cpu().float(), torch.from_numpy(table), seq_lens, qsl,
+                          plan, scale, ref, view)
+        assert not torch.isnan(out).any()
+        err = (out.cpu().float() - ref).norm() / ref.norm()
+        assert err < 1e-2, f"seed {seed}: relative error {err:.2e}, {fi.partial_rows} partial rows"

@@ -52,6 +52,8 @@ class SharedSegment:
     first_page: int  # block-table index of pages[0] in rows[0] (in every row without q_shift)
     pages: np.ndarray  # physical page ids
     q_shift: np.ndarray | None = None  # [len(rows)] int32, see above; None: all 0
+    # Keys in its pages, where the last page ends in pad slots (`split_uniform`); None: every slot.
+    num_keys: int | None = None
 
 
 @dataclass(frozen=True)
@@ -308,6 +310,73 @@ def plan_any_offset(
             levels[deepest].append(SharedSegment(deepest, np.array([r]), int(a), block_table[r, a:b].astype(np.int64),
                                                  np.zeros(1, np.int32)))
     return _finish(levels, own_first_page, seq_lens, block_size, min_saved_fraction, shifts)
+
+
+def split_uniform(
+    plan: CascadePlan,
+    block_table: np.ndarray,
+    seq_lens: np.ndarray,
+    query_lens: np.ndarray,
+    block_size: int,
+    page_valid: np.ndarray,
+) -> CascadePlan | None:
+    """The plan of a step with chunk pages for a kernel that can neither shift keys per page nor
+    mask pads (FlashInfer): each segment becomes one run of keys at one shift per row, pads only at
+    its end (`num_keys`), so a query rotated once per (row, segment) attends it exactly.
+
+    Segments are cut after pages with pads and where rows[0]'s shift steps (a chunk boundary);
+    chunk pages a row holds in its own level become one-row segments, so its own level keeps only
+    pages at their true positions (shift 0, no pads). All segments go in one level: the caller
+    merges every partial result of a token at once. `page_valid` [pages]: keys per page
+    (kv/chunk_pages.py). None: a row's chunk pages reach its queries' pages (no exact split).
+
+    Example (page 4; chunk A = pages [7, 8] (8 holds 2 keys), chunk B = page [5]; both rows
+    compose them in both orders, then a tail page; shifts as kv/chunk_pages.py gives them):
+        >>> valid = np.full(10, 4); valid[8] = 2
+        >>> bt = np.array([[7, 8, 5, 1], [5, 7, 8, 2]])
+        >>> sh = np.array([[2, 2, 8, 0], [2, 6, 6, 0]])
+        >>> plan = plan_cascade(bt, np.array([13, 13]), np.array([1, 1]), 4, min_saved_pages=1,
+        ...                     min_saved_fraction=0.0, shifts=sh)
+        >>> split = split_uniform(plan, bt, np.array([13, 13]), np.array([1, 1]), 4, valid)
+        >>> [(s.rows.tolist(), s.pages.tolist(), s.num_keys, s.q_shift.tolist()) for s in split.shared[0]]
+        [([0, 1], [7, 8], 6, [0, 4]), ([0, 1], [5], 4, [0, -6])]
+    """
+    shifts = plan.shifts
+    if shifts is None:
+        return plan
+    page_valid = np.asarray(page_valid)
+    out: list[SharedSegment] = []
+
+    def add_runs(seg: SharedSegment) -> None:
+        cols = seg.first_page + np.arange(len(seg.pages))
+        row0 = int(seg.rows[0])
+        full = page_valid[seg.pages] == block_size
+        cut = np.flatnonzero(~full[:-1] | (shifts[row0, cols[1:]] != shifts[row0, cols[:-1]])) + 1
+        for a, b in zip(np.r_[0, cut], np.r_[cut, len(cols)]):
+            keys = int((b - a - 1) * block_size + page_valid[seg.pages[b - 1]])
+            out.append(SharedSegment(0, seg.rows, int(cols[a]), seg.pages[a:b], seg.q_shift, keys))
+
+    for level in plan.shared:
+        for seg in level:
+            add_runs(seg)
+    # Own pages that are not at their true position: chunk pages after a row's last shared one.
+    seq_lens = np.asarray(seq_lens, dtype=np.int64)
+    width = int(_num_pages(seq_lens, block_size).max(initial=0))
+    cols = np.arange(width)
+    table = block_table[:, :width].astype(np.int64)
+    in_own = (cols[None, :] >= plan.own_first_page[:, None]) & (cols[None, :] < _num_pages(seq_lens, block_size)[:, None])
+    moved = in_own & ((shifts[:, :width] != 0) | (page_valid[np.where(in_own, table, 0)] < block_size))
+    own_first_page = plan.own_first_page.copy()
+    for r in np.flatnonzero(moved.any(1)):
+        last = int(np.flatnonzero(moved[r])[-1])
+        if (last + 1) * block_size > seq_lens[r] - query_lens[r]:
+            return None  # its queries share a page with chunk keys
+        first = int(plan.own_first_page[r])
+        add_runs(SharedSegment(0, np.array([r]), first, table[r, first : last + 1], np.zeros(1, np.int32)))
+        own_first_page[r] = last + 1
+    if not out:
+        return plan
+    return CascadePlan([out], own_first_page, plan.pages_read, plan.flat_pages_read, shifts=shifts)
 
 
 _ROW_CODES = np.zeros(0, dtype=np.uint64)

@@ -1,13 +1,24 @@
 """Paged cascade attention on the GPU with FlashInfer: plan once per step, run per layer.
 
-One `BatchPrefillWithPagedKVCacheWrapper` per level, all sharing one float
-workspace. The own level covers every request (causal, bottom-right aligned,
-from `plan.own_first_page` on); each shared level attends its segments' pages
-once for the queries of all their requests, and is merged into the own
-level's rows with `merge_state` (log-sum-exp, exact). A flat step that mixes
-decode rows (one query token, first in vLLM's batch order) with prefill rows
-sends the decode rows to a `BatchDecodeWithPagedKVCacheWrapper`, as vLLM's
-FlashInfer backend does: the prefill kernel spends a whole query tile on each.
+`BatchPrefillWithPagedKVCacheWrapper`s sharing one float workspace. The own
+level covers every request (causal, bottom-right aligned, from
+`plan.own_first_page` on). Shared segments attend their pages once for the
+queries of all their requests (non-causal); each token's partial results are
+merged exactly by log2-sum-exp, as FlashInfer writes it. Two ways, for now:
+
+- steps with chunk pages (kv/chunk_pages.py), split by `plan.split_uniform`:
+  a segment holds keys at one shift per row and pads only at its end, so each
+  row's query is gathered rotated once by minus its shift (`SharedRuns`), one
+  launch attends every segment's first `num_keys` slots as a plain sequence,
+  and one pass (triton_cascade's merge) merges every token's partials;
+- prefix-sharing steps: a wrapper per shared level, merged into the own
+  level's rows with `merge_state`, level by level (the path measured on the
+  GPU so far; the first is to replace it once it is measured there too).
+
+A flat step that mixes decode rows (one query token, first in vLLM's batch
+order) with prefill rows sends the decode rows to a
+`BatchDecodeWithPagedKVCacheWrapper`, as vLLM's FlashInfer backend does: the
+prefill kernel spends a whole query tile on each.
 
 Example (GPU only):
     >>> import numpy as np, torch
@@ -26,10 +37,73 @@ Example (GPU only):
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
-from vllm_cascade.attention.plan import CascadePlan
+from vllm_cascade.attention.plan import CascadePlan, _index_within
+
+
+@dataclass(frozen=True)
+class SharedRuns:
+    """Host arrays of one step's shared segments, laid out for one FlashInfer launch and the merge.
+
+    Gathered row r is query token `tokens[r]` of a segment's row, rotated by `rotation[r]`
+    positions; segment s has gathered rows [qo_indptr[s], qo_indptr[s+1]) and pages
+    pages[kv_indptr[s]:kv_indptr[s+1]], of which the first kv_lens[s] slots are keys. Partial
+    rows: [0, T) the own level's (row t = token t), T + r the gathered row r's; token t merges
+    contrib_row[contrib_off[t]:contrib_off[t + 1]], its own level's first.
+
+    Example (page 4; tokens 0 and 1 are rows 0 and 1, sharing pages [7, 8] at shifts 2 and 6):
+        >>> from vllm_cascade.attention.plan import SharedSegment
+        >>> seg = SharedSegment(0, np.array([0, 1]), 0, np.array([7, 8]), np.array([0, 4], np.int32), 6)
+        >>> plan = CascadePlan([[seg]], np.array([2, 2]), 0, 0, shifts=np.array([[2, 2, 0], [6, 6, 0]]))
+        >>> runs = SharedRuns.of(plan, np.array([0, 1, 2]), page_size=4)
+        >>> runs.tokens.tolist(), runs.rotation.tolist(), runs.kv_lens.tolist()
+        ([0, 1], [-2, -6], [6])
+        >>> runs.contrib_off.tolist(), runs.contrib_row.tolist()
+        ([0, 2, 4], [0, 2, 1, 3])
+    """
+
+    tokens: np.ndarray
+    rotation: np.ndarray | None  # None: no shifts (prefix sharing), a plain gather
+    qo_indptr: np.ndarray
+    kv_indptr: np.ndarray
+    pages: np.ndarray
+    kv_lens: np.ndarray
+    contrib_off: np.ndarray
+    contrib_row: np.ndarray
+
+    @classmethod
+    def of(cls, plan: CascadePlan, query_start_loc: np.ndarray, page_size: int) -> SharedRuns:
+        segments = [s for level in plan.shared for s in level]
+        qsl = np.asarray(query_start_loc, dtype=np.int64)
+        num_tokens = int(qsl[-1])
+        tokens, rotation, seg_q = [], [], []
+        for s in segments:
+            lens = qsl[s.rows + 1] - qsl[s.rows]
+            tokens.append(np.repeat(qsl[s.rows], lens) + _index_within(lens))
+            if plan.shifts is not None:
+                shift = int(plan.shifts[s.rows[0], s.first_page]) + (0 if s.q_shift is None else s.q_shift.astype(np.int64))
+                rotation.append(np.repeat(-np.broadcast_to(shift, len(s.rows)), lens))
+            seg_q.append(int(lens.sum()))
+        tokens_all = np.concatenate(tokens) if tokens else np.zeros(0, np.int64)
+        kv_lens = np.array([len(s.pages) * page_size if s.num_keys is None else s.num_keys for s in segments], np.int64)
+        # Each token's partial rows, its own level's first (a stable sort keeps it first).
+        every_token = np.concatenate([np.arange(num_tokens), tokens_all])
+        order = np.argsort(every_token, kind="stable")
+        return cls(
+            tokens=tokens_all,
+            rotation=np.concatenate(rotation) if plan.shifts is not None and rotation else None,
+            qo_indptr=np.concatenate([[0], np.cumsum(seg_q)]).astype(np.int64),
+            kv_indptr=np.concatenate([[0], np.cumsum([len(s.pages) for s in segments])]).astype(np.int64),
+            pages=np.concatenate([s.pages for s in segments]) if segments else np.zeros(0, np.int64),
+            kv_lens=kv_lens,
+            contrib_off=np.concatenate([[0], np.cumsum(np.bincount(every_token, minlength=num_tokens))]),
+            contrib_row=order,
+        )
+
 
 WORKSPACE_BYTES = 256 * 1024 * 1024
 
@@ -46,6 +120,7 @@ class FlashInferCascade:
         page_size: int,
         dtype: torch.dtype,
         scale: float,
+        cos_sin_cache: torch.Tensor | None = None,
         max_levels: int = 3,
     ) -> None:
         from flashinfer import (
@@ -56,13 +131,23 @@ class FlashInferCascade:
         self.device = device
         self.num_qo_heads, self.num_kv_heads, self.head_dim = num_qo_heads, num_kv_heads, head_dim
         self.page_size, self.dtype, self.scale = page_size, dtype, scale
+        self.cos_sin_cache = cos_sin_cache  # the model's RoPE table: rotates queries for chunk segments
         self.workspace = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
-        # wrappers[0]: the own level; wrappers[1:]: shared levels.
-        self.wrappers = [BatchPrefillWithPagedKVCacheWrapper(self.workspace, "HND") for _ in range(max(1, max_levels))]
+        self.own_wrapper = BatchPrefillWithPagedKVCacheWrapper(self.workspace, "HND")
+        self.shared_wrapper = BatchPrefillWithPagedKVCacheWrapper(self.workspace, "HND")  # chunk steps' segments
+        # Prefix-sharing steps: a wrapper per shared level, merged level by level with merge_state (measured
+        # on the GPU; the one-launch path of chunk steps is to replace it once it is measured there too).
+        self.level_wrappers = [BatchPrefillWithPagedKVCacheWrapper(self.workspace, "HND")
+                               for _ in range(max(0, max_levels - 1))]
         self.level_rows: list[torch.Tensor] = []  # per shared level: query-token indices
-        self.flat = True
         self.decode_wrapper = BatchDecodeWithPagedKVCacheWrapper(self.workspace, "HND", use_tensor_cores=True)
+        self.flat = True
         self.num_decode_tokens = 0  # leading decode rows of a flat mixed step, run by decode_wrapper
+        self.runs: SharedRuns | None = None  # the planned step's shared segments
+        self._device_runs: dict[str, torch.Tensor] = {}
+        self._partials: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # o, lse, gathered queries
+        self._merge_programs = 4 * (torch.cuda.get_device_properties(device).multi_processor_count
+                                    if device.type == "cuda" else 1)
 
     def plan(
         self,
@@ -71,7 +156,8 @@ class FlashInferCascade:
         seq_lens: np.ndarray,
         query_start_loc: np.ndarray,
     ) -> None:
-        """Host work of one step; shared levels take their pages from the plan, the own level from the device."""
+        """Host work of one step; shared segments take their pages from the plan, the own level from
+        the device. A plan with shifts must come from `plan.split_uniform`."""
         num_rows = len(seq_lens)
         first = plan.own_first_page
         pages_end = (seq_lens + self.page_size - 1) // self.page_size
@@ -96,25 +182,50 @@ class FlashInferCascade:
                 self.num_qo_heads, self.num_kv_heads, self.head_dim, self.page_size,
                 sm_scale=self.scale, q_data_type=self.dtype, kv_data_type=self.dtype,
             )  # fmt: skip
-            self._plan_level(self.wrappers[0], query_start_loc[d:] - query_start_loc[d], kv_indptr[d:] - kv_indptr[d],
+            self._plan_level(self.own_wrapper, query_start_loc[d:] - query_start_loc[d], kv_indptr[d:] - kv_indptr[d],
                              own_pages[int(kv_indptr[d]) :], kv_lens[d:], causal=True)
         else:
-            self._plan_level(self.wrappers[0], query_start_loc, kv_indptr, own_pages, kv_lens, causal=True)
-        self.level_rows = []
-        for level, segments in enumerate(plan.shared, start=1):
+            self._plan_level(self.own_wrapper, query_start_loc, kv_indptr, own_pages, kv_lens, causal=True)
+        self.runs, self.level_rows = None, []
+        if self.flat:
+            return
+        if plan.shifts is None:
+            self._plan_prefix_levels(plan, query_start_loc)
+            return
+        runs = SharedRuns.of(plan, query_start_loc, self.page_size)
+        if runs.rotation is not None and self.cos_sin_cache is None:
+            raise RuntimeError("a step with chunk pages needs the model's RoPE table (cos_sin_cache)")
+        self._plan_level(self.shared_wrapper, runs.qo_indptr, runs.kv_indptr,
+                         torch.from_numpy(runs.pages.astype(np.int32)).to(self.device, non_blocking=True),
+                         runs.kv_lens, causal=False)
+        # One upload of the gather and merge arrays.
+        num_tokens, gathered = int(query_start_loc[-1]), len(runs.tokens)
+        fields = {"tokens": runs.tokens, "rotation": runs.rotation, "contrib_off": runs.contrib_off,
+                  "contrib_row": runs.contrib_row, "num_tokens": [num_tokens]}
+        fields = {k: np.asarray(v, dtype=np.int32) for k, v in fields.items() if v is not None}
+        host = torch.from_numpy(np.concatenate(list(fields.values())))
+        dev = host.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else host
+        self._device_runs, offset = {}, 0
+        for name, array in fields.items():
+            self._device_runs[name] = dev[offset : offset + len(array)]
+            offset += len(array)
+        rows = num_tokens + gathered
+        self._partials = (torch.empty(rows, self.num_qo_heads, self.head_dim, dtype=self.dtype, device=self.device),
+                          torch.empty(rows, self.num_qo_heads, dtype=torch.float32, device=self.device),
+                          torch.empty(gathered, self.num_qo_heads, self.head_dim, dtype=self.dtype, device=self.device))
+        self.runs = runs
+
+    def _plan_prefix_levels(self, plan: CascadePlan, query_start_loc: np.ndarray) -> None:
+        if len(plan.shared) > len(self.level_wrappers):
+            raise ValueError(f"{len(plan.shared)} shared levels, wrappers for {len(self.level_wrappers)}")
+        for wrapper, segments in zip(self.level_wrappers, plan.shared):
             tokens = [np.arange(query_start_loc[r], query_start_loc[r + 1]) for s in segments for r in s.rows]
             seg_q = [sum(int(query_start_loc[r + 1] - query_start_loc[r]) for r in s.rows) for s in segments]
             qo_indptr = np.concatenate([[0], np.cumsum(seg_q)])
             seg_kv = np.concatenate([[0], np.cumsum([len(s.pages) for s in segments])])
             pages = torch.from_numpy(np.concatenate([s.pages for s in segments]).astype(np.int32))
-            self._plan_level(
-                self.wrappers[level],
-                qo_indptr,
-                seg_kv,
-                pages.to(self.device, non_blocking=True),
-                np.diff(seg_kv) * self.page_size,
-                causal=False,
-            )
+            self._plan_level(wrapper, qo_indptr, seg_kv, pages.to(self.device, non_blocking=True),
+                             np.diff(seg_kv) * self.page_size, causal=False)
             self.level_rows.append(torch.from_numpy(np.concatenate(tokens)).to(self.device, non_blocking=True))
 
     def _plan_level(self, wrapper, qo_indptr, kv_indptr, kv_indices, kv_lens, causal: bool) -> None:
@@ -137,19 +248,39 @@ class FlashInferCascade:
             kv_data_type=self.dtype,
         )
 
+    @property
+    def partial_rows(self) -> int | None:
+        """Partial results the planned step's merge combines (None: a flat step, no merge)."""
+        return None if self.runs is None else len(self.runs.contrib_row)
+
     def run(self, query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor) -> None:
         """query [T, Hq, D]; k_cache, v_cache [pages, Hkv, N, D] (HND views); out [T, Hq, D]."""
-        from flashinfer import merge_state
+        from vllm_cascade.ops.triton_cascade import gather_rotate, merge_partials
 
         kv = (k_cache, v_cache)
         if self.flat:
             n = self.num_decode_tokens
             if n:
                 self.decode_wrapper.run(query[:n], kv, out=out[:n])
-            self.wrappers[0].run(query[n:], kv, out=out[n:])
+            self.own_wrapper.run(query[n:], kv, out=out[n:])
             return
-        o, lse = self.wrappers[0].run(query, kv, return_lse=True)
-        for wrapper, rows in zip(self.wrappers[1:], self.level_rows):
+        if self.runs is None:
+            self._run_prefix_levels(query, kv, out)
+            return
+        o_part, l_part, q_shared = self._partials
+        t = query.shape[0]
+        runs = self._device_runs
+        self.own_wrapper.run(query, kv, out=o_part[:t], lse=l_part[:t], return_lse=True)
+        gather_rotate(query, runs["tokens"], runs.get("rotation"), self.cos_sin_cache, q_shared)
+        self.shared_wrapper.run(q_shared, kv, out=o_part[t:], lse=l_part[t:], return_lse=True)
+        merge_partials(o_part, l_part, out, runs["contrib_off"], runs["contrib_row"], runs["num_tokens"],
+                       min(self._merge_programs, t))
+
+    def _run_prefix_levels(self, query: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], out: torch.Tensor) -> None:
+        from flashinfer import merge_state
+
+        o, lse = self.own_wrapper.run(query, kv, return_lse=True)
+        for wrapper, rows in zip(self.level_wrappers, self.level_rows):
             o_l, lse_l = wrapper.run(query[rows], kv, return_lse=True)
             o_m, lse_m = merge_state(o[rows], lse[rows], o_l, lse_l)
             o[rows] = o_m

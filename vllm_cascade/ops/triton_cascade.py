@@ -267,10 +267,65 @@ def cascade_attention_triton(
                 G=g, PAGE=page, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=launch.block_n, ROT=cos_sin.shape[1],
                 CHUNKS=with_chunks, **launch.kwargs(),
             )  # fmt: skip
-    _merge_kernel[(programs, num_heads)](
-        o_part, l_part, out, wl["contrib_off"], wl["contrib_row"], wl["num_tokens"],
-        out.stride(0), out.stride(1), HEAD_DIM=head_dim,
+    merge_partials(o_part, l_part, out, wl["contrib_off"], wl["contrib_row"], wl["num_tokens"], programs)
+
+
+def merge_partials(o_part: torch.Tensor, l_part: torch.Tensor, out: torch.Tensor, contrib_off: torch.Tensor,
+                   contrib_row: torch.Tensor, num_tokens: torch.Tensor, programs: int) -> None:
+    """out[t] = the exact merge of partial rows contrib_row[contrib_off[t]:contrib_off[t + 1]].
+
+    o_part [rows, Hq, D] (any float dtype, normalized outputs), l_part [rows, Hq] float32
+    log2-sum-exp (the kernels' and FlashInfer's convention); contrib_* int32 CSR on the device;
+    num_tokens [1] int32 on the device (tokens to merge); `programs` x Hq persistent programs.
+    A token with no partial rows gets zeros.
+    """
+    assert o_part.is_contiguous() and l_part.is_contiguous() and out.stride(2) == 1
+    _merge_kernel[(programs, out.shape[1])](
+        o_part, l_part, out, contrib_off, contrib_row, num_tokens,
+        out.stride(0), out.stride(1), HEAD_DIM=out.shape[2],
     )  # fmt: skip
+
+
+@triton.jit
+def _gather_rotate_kernel(
+    Q, OUT, TOKENS, ROTATION, COS_SIN,
+    stride_qt, stride_qh, stride_ot, stride_oh, stride_cs,
+    NUM_HEADS: tl.constexpr, HEADS_P2: tl.constexpr, HEAD_DIM: tl.constexpr, ROT: tl.constexpr,
+    ROTATE: tl.constexpr,
+):  # fmt: skip
+    r = tl.program_id(0).to(tl.int64)
+    tok = tl.load(TOKENS + r).to(tl.int64)
+    heads = tl.arange(0, HEADS_P2)
+    ok = heads < NUM_HEADS
+    d = tl.arange(0, HEAD_DIM)
+    row = Q + tok * stride_qt + heads * stride_qh
+    x = tl.load(row[:, None] + d[None, :], mask=ok[:, None], other=0.0)
+    if ROTATE:
+        x = _rotate_rows(x, row, tl.zeros([HEADS_P2], tl.int32) + tl.load(ROTATION + r), ok, COS_SIN, stride_cs,
+                         HEAD_DIM, ROT)
+    tl.store(OUT + r * stride_ot + heads[:, None] * stride_oh + d[None, :], x, mask=ok[:, None])
+
+
+def gather_rotate(query: torch.Tensor, tokens: torch.Tensor, rotation: torch.Tensor | None,
+                  cos_sin_cache: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
+    """out[r] = query[tokens[r]] RoPE-rotated by rotation[r] more positions (signed; neox over the
+    cache's rot_dim), in query's dtype: the query of a row rotated once for a segment of keys that
+    stand `-rotation[r]` positions off (kv/chunk_pages.py). rotation None: a plain gather.
+
+    query [T, Hq, D]; tokens, rotation [R] int32 on its device; out [R, Hq, D].
+    """
+    rows, heads, head_dim = out.shape
+    if rows == 0:
+        return out
+    rotate = rotation is not None
+    cos_sin = cos_sin_cache if rotate else query.new_zeros(1, 2)
+    _gather_rotate_kernel[(rows,)](
+        query, out, tokens, rotation if rotate else tokens, cos_sin,
+        query.stride(0), query.stride(1), out.stride(0), out.stride(1), cos_sin.stride(0),
+        NUM_HEADS=heads, HEADS_P2=triton.next_power_of_2(heads), HEAD_DIM=head_dim, ROT=cos_sin.shape[1],
+        ROTATE=rotate,
+    )  # fmt: skip
+    return out
 
 
 # Which capacity sizes each work-list field's region ("items", "rows", "tokens"), plus a constant.
