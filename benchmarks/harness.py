@@ -31,9 +31,12 @@ def backend_arguments(description: str, backends: list[str]) -> argparse.Argumen
 
 
 def engine_backend(label: str) -> dict:
-    """LLM kwargs for a backend label: a vLLM backend name, or CASCADE:<gpu_kernel>."""
-    name, _, kernel = label.partition(":")
-    extra = {"additional_config": {"cascade": {"gpu_kernel": kernel}}} if kernel else {}
+    """LLM kwargs for a backend label: a vLLM backend name, or CASCADE:<settings>, settings joined
+    by '+', each `name=value` or a bare gpu_kernel (CASCADE:flashinfer, CASCADE:chunk_prefill_kernel=triton)."""
+    name, _, suffix = label.partition(":")
+    settings = dict(part.partition("=")[::2] if "=" in part else ("gpu_kernel", part)
+                    for part in suffix.split("+") if part)
+    extra = {"additional_config": {"cascade": settings}} if settings else {}
     return {"attention_backend": name, **extra}
 
 

@@ -13,7 +13,9 @@ The `orders` case is the composed-chunks workload's decode: 32 requests, each
 4 chunks of 2048 tokens in one of 24 orders + a 64-token tail; afresh, each
 step also derives the key shifts from the page annotations and plans with
 `plan_any_offset`. The last line is that workload's prefill step (the tails: 64 query
-tokens per row), whose attention dominates its TTFT: shifts, plan and work list, split.
+tokens per row), whose attention dominates its TTFT: shifts, plan and work list, split; then
+the host arrays of the `chunk_prefill_kernel="flashinfer"` path for the same step instead of the
+work list (split_uniform, SharedRuns; FlashInfer's own plan calls need a GPU and are left out).
 
     python benchmarks/host_bench.py
 """
@@ -24,8 +26,9 @@ import time
 import numpy as np
 import torch
 
-from vllm_cascade.attention.plan import DecodePlanReuse, flat_plan, plan_cascade
+from vllm_cascade.attention.plan import DecodePlanReuse, flat_plan, plan_cascade, split_uniform
 from vllm_cascade.kv.chunk_pages import ChunkPages
+from vllm_cascade.ops.flashinfer_attention import SharedRuns
 from vllm_cascade.ops.triton_cascade import TritonCascade
 from vllm_cascade.stats import AttentionStats
 
@@ -98,7 +101,7 @@ def bench_orders_prefill(reps: int = 50) -> None:
     tc = TritonCascade(16, 8, PAGE, 0.1, device="cpu")  # as the backend's chunk kernel: buffers grow
     tc.set_chunk_tables(torch.from_numpy(chunk_pages.valid), torch.ones(1, 16), 32, table.shape[1])
     bt = torch.from_numpy(table)
-    parts = {"shifts": 0.0, "plan": 0.0, "work list": 0.0}
+    parts = {"shifts": 0.0, "plan": 0.0, "work list": 0.0, "split": 0.0, "runs": 0.0}
     for rep in range(WARM + reps):
         if rep == WARM:
             parts = dict.fromkeys(parts, 0.0)
@@ -109,11 +112,21 @@ def bench_orders_prefill(reps: int = 50) -> None:
         t2 = time.perf_counter()
         tc.plan(plan, bt, seq, qsl, shifts)
         t3 = time.perf_counter()
-        for name, dt in zip(parts, (t1 - t0, t2 - t1, t3 - t2)):
+        split = split_uniform(plan, table, seq, query_lens, PAGE, chunk_pages.valid)
+        t4 = time.perf_counter()
+        runs = SharedRuns.of(split, qsl, PAGE)
+        t5 = time.perf_counter()
+        for name, dt in zip(parts, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)):
             parts[name] += dt
-    print(f"{'orders prefill b32 x64':<24} {'afresh':<7} {sum(parts.values()) / reps * 1e6:7.0f} us/step  ("
-          + ", ".join(f"{k} {v / reps * 1e6:.0f}" for k, v in parts.items())
+    us = {k: v / reps * 1e6 for k, v in parts.items()}
+    print(f"{'orders prefill b32 x64':<24} {'afresh':<7} {us['shifts'] + us['plan'] + us['work list']:7.0f} us/step  ("
+          + ", ".join(f"{k} {us[k]:.0f}" for k in ("shifts", "plan", "work list"))
           + f"; {sum(len(level) for level in plan.shared)} shared segments, {tc.partial_rows} partial rows)")
+    # chunk_prefill_kernel="flashinfer": the same shifts and plan, then split_uniform and SharedRuns
+    # instead of the work list (FlashInfer's own plan calls need the GPU: not in this number).
+    print(f"{'  same, flashinfer path':<24} {'afresh':<7} {us['shifts'] + us['plan'] + us['split'] + us['runs']:7.0f}"
+          f" us/step  (split {us['split']:.0f}, runs {us['runs']:.0f}; {len(split.shared[0])} segments,"
+          f" {len(runs.contrib_row)} partial rows)")
 
 
 if __name__ == "__main__":

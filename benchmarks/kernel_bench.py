@@ -105,7 +105,7 @@ def main() -> None:
     t0 = time.perf_counter()
     plan = plan_cascade(table, seq_lens, np.ones(b, dtype=int), page, max_levels=2)
     plan_us = (time.perf_counter() - t0) * 1e6
-    ours = FlashInferCascade(torch.device("cuda"), hq, hkv, d, page, torch.bfloat16, scale, 2)
+    ours = FlashInferCascade(torch.device("cuda"), hq, hkv, d, page, torch.bfloat16, scale)
     t0 = time.perf_counter()
     ours.plan(plan, bt, seq_lens, qsl)
     torch.cuda.synchronize()

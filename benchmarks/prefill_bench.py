@@ -10,7 +10,10 @@ thresholds), so each chunk is one shared segment of the 32 rows.
 
 Variants (each timed with CUDA events, median of 20):
 - the Triton kernel as the backend's `chunk_kernel` runs it (16 pages per item, default launches);
-- pages per item x wide-tile launch settings (keys per inner step, warps, stages), and 128-row tiles;
+- pages per item (16, 128) x wide-tile warps (4; 8 with 2 stages); with --sweep, more pages per item,
+  64 keys per inner step and 128-row tiles;
+- the backend's default chunk prefill path (`FlashInferCascade` on `split_uniform`'s segments: each
+  chunk once for the queries of all rows, rotated once per row, FlashInfer's prefill kernel, one merge);
 - FlashInfer's paged prefill kernel over each request's pages, causal, without shifts: stock vLLM's
   kernel for the same attention work (its output differs: no shifts), the speed to aim at.
 
@@ -84,13 +87,14 @@ def main() -> None:
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--page", type=int, default=16)
     ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--sweep", action="store_true", help="every pages/item x wide launch setting")
     ap.add_argument("--quick", action="store_true", help="a small shape for a CPU run under TRITON_INTERPRET=1")
     args = ap.parse_args()
     if args.quick:
         args.rows, args.chunks, args.chunk_tokens, args.tail = 4, 2, 32, 8
         args.qo_heads, args.kv_heads, args.head_dim, args.page = 4, 2, 16, 8
 
-    from vllm_cascade.attention.plan import plan_cascade
+    from vllm_cascade.attention.plan import plan_cascade, split_uniform
     from vllm_cascade.kv.chunk_pages import ChunkView
     from vllm_cascade.ops.torch_attention import cascade_attention
     from vllm_cascade.ops.triton_cascade import Launch, TritonCascade
@@ -128,12 +132,14 @@ def main() -> None:
         return (lambda: (kernel.run(q, k, v, out), out)[1]), kernel
 
     variants = {"triton, backend chunk_kernel (16 pages/item, defaults)": triton_variant(16)}
-    wide_settings = [Launch(32, 4), Launch(32, 8, 2), Launch(64, 4), Launch(64, 8, 2)]
-    for pages_per_item, wide in itertools.product((16, 32, 64, 128), wide_settings):
+    # The two halves of the change reverted in the sixth session, one at a time; --sweep: all settings.
+    wide_settings = [Launch(32, 4), Launch(32, 8, 2)] + ([Launch(64, 4), Launch(64, 8, 2)] if args.sweep else [])
+    for pages_per_item, wide in itertools.product((16, 32, 64, 128) if args.sweep else (16, 128), wide_settings):
         variants[f"triton, {pages_per_item} pages/item, wide 64 rows {launch_label(wide)}"] = triton_variant(
             pages_per_item, 64, wide)
-    for pages_per_item in (16, 128):
-        variants[f"triton, {pages_per_item} pages/item, wide 128 rows 8w"] = triton_variant(pages_per_item, 128)
+    if args.sweep:
+        for pages_per_item in (16, 128):
+            variants[f"triton, {pages_per_item} pages/item, wide 128 rows 8w"] = triton_variant(pages_per_item, 128)
     flashinfer = None
     if device.type == "cuda":
         import flashinfer as fi
@@ -154,6 +160,17 @@ def main() -> None:
     if flashinfer is not None:
         us = timed_us(lambda: flashinfer.run(q, (k, v)), device, args.reps)
         rows.append(("flashinfer paged prefill, no shifts (stock's kernel)", us, None, None))
+        # The backend's chunk prefill path: segments cut at chunk boundaries, queries rotated once each.
+        from vllm_cascade.ops.flashinfer_attention import FlashInferCascade
+
+        split = split_uniform(plan, table, seq_lens, query_lens, page, np.full(num_pages, page))
+        ours = FlashInferCascade(device, hq, hkv, d, page, dtype, scale, cos_sin)
+        ours.plan(split, bt, seq_lens, qsl)
+        out = torch.empty_like(q)
+        ours.run(q, k, v, out)
+        err = float((out.float() - ref).norm() / ref.norm())
+        us = timed_us(lambda: ours.run(q, k, v, out), device, args.reps)
+        rows.append(("flashinfer, chunk segments (backend chunk prefill)", us, ours.partial_rows, err))
     for name, (fn, kernel) in variants.items():
         out = fn().float()
         err = float((out - ref).norm() / ref.norm())

@@ -94,3 +94,11 @@ def test_cascade_settings_from_environment(monkeypatch):
     monkeypatch.setenv("CASCADE_MAX_CASCADE_LEVELS", "0")
     with pytest.raises(ValueError, match="max_cascade_levels"):
         CascadeConfig.from_vllm(SimpleNamespace(additional_config=None))
+
+
+@pytest.mark.parametrize("name", ["gpu_kernel", "chunk_prefill_kernel"])
+def test_kernel_choices_are_checked(name):
+    for good in ("triton", "flashinfer"):
+        assert getattr(CascadeConfig.from_vllm(SimpleNamespace(additional_config={"cascade": {name: good}})), name) == good
+    with pytest.raises(ValueError, match=f"{name} must be 'flashinfer' or 'triton', not 'cuda'"):
+        CascadeConfig.from_vllm(SimpleNamespace(additional_config={"cascade": {name: "cuda"}}))

@@ -25,6 +25,10 @@ class CascadeConfig:
     # "triton": decode steps run the fused Triton kernels (FULL CUDA graphs), steps with prefill run
     # FlashInfer's prefill kernels; "flashinfer": every step runs FlashInfer (a wrapper per level).
     gpu_kernel: str = "triton"
+    # GPU steps with prefill that read chunk pages: "triton" (the fused kernel, which shifts keys and
+    # masks pads per page) or "flashinfer" (segments cut at chunk boundaries, each row's query rotated
+    # once per segment, FlashInfer's prefill kernel; not yet run on a GPU, so not the default).
+    chunk_prefill_kernel: str = "triton"
     chunk_persistence_dir: str = ""  # chunks' KV saved here, reloaded by the next engine without prefill ("": off)
 
     @classmethod
@@ -44,6 +48,8 @@ class CascadeConfig:
             raise ValueError("max_cascade_levels must be >= 1")
         if config.gpu_kernel not in ("flashinfer", "triton"):
             raise ValueError(f"gpu_kernel must be 'flashinfer' or 'triton', not {config.gpu_kernel!r}")
+        if config.chunk_prefill_kernel not in ("flashinfer", "triton"):
+            raise ValueError(f"chunk_prefill_kernel must be 'flashinfer' or 'triton', not {config.chunk_prefill_kernel!r}")
         return config
 
     @classmethod

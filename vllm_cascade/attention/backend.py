@@ -37,6 +37,7 @@ from vllm_cascade.attention.plan import (
     DecodePlanReuse,
     flat_plan,
     plan_cascade,
+    split_uniform,
 )
 from vllm_cascade.attention.worklist import WorkListTooLarge
 from vllm_cascade.config import SUPPORTED_HEAD_SIZES, CascadeConfig
@@ -126,10 +127,12 @@ class CascadeMetadataBuilder(AttentionMetadataBuilder[CascadeMetadata]):
             from vllm_cascade.ops.triton_cascade import TritonCascade
 
             self.kernel = FlashInferCascade(device, impl.num_heads, impl.num_kv_heads, impl.head_size, self.page_size,
-                                            vllm_config.model_config.dtype, impl.scale, self.config.max_cascade_levels)
+                                            vllm_config.model_config.dtype, impl.scale, self.chunk_pages.cos_sin_cache,
+                                            self.config.max_cascade_levels)
             max_pages = -(-vllm_config.model_config.max_model_len // self.page_size)
             max_rows = vllm_config.scheduler_config.max_num_seqs
-            # FlashInfer cannot shift keys per page nor mask pads: such steps run the Triton kernels.
+            # Chunk steps FlashInfer cannot take (split_uniform finds no exact split), or all of them
+            # with chunk_prefill_kernel "triton": the fused kernel shifts keys and masks pads per page.
             self.chunk_kernel = TritonCascade(impl.num_heads, impl.num_kv_heads, self.page_size, impl.scale,
                                               device=device, head_dim=impl.head_size)
             self._set_chunk_tables(self.chunk_kernel, max_rows, max_pages)
@@ -162,8 +165,9 @@ class CascadeMetadataBuilder(AttentionMetadataBuilder[CascadeMetadata]):
         is_decode = cm.max_query_len <= 1  # else "prefill": any step with a longer query
         reuse_key = self._reuse_key(cm, block_table) if is_decode else None
         plan = self.reuse.get(reuse_key, seq_lens, self.page_size, self.config.min_saved_fraction)
+        host_table = None
         if plan is None:
-            host_table = shifts = None
+            shifts = None
             if self.chunk_pages.count:  # chunk pages exist: does this step read any?
                 host_table = self._host_block_table(cm, block_table)
                 shifts = self.chunk_pages.shifts(host_table, seq_lens)
@@ -189,7 +193,15 @@ class CascadeMetadataBuilder(AttentionMetadataBuilder[CascadeMetadata]):
         if decode is not None and is_decode and query_start_loc[-1] <= decode.capacity["tokens"]:
             kernel = decode  # also the buffers a captured decode graph reads
         elif plan.shifts is not None and kernel is not None:
-            kernel = self.chunk_kernel
+            split = None
+            if self.config.chunk_prefill_kernel == "flashinfer":
+                if host_table is None:  # a reused decode plan
+                    host_table = self._host_block_table(cm, block_table)
+                split = split_uniform(plan, host_table, seq_lens, query_lens, self.page_size, self.chunk_pages.valid)
+            if split is None:
+                kernel = self.chunk_kernel
+            else:
+                plan = split  # the same attention, in segments FlashInfer can attend
         if kernel is not None:
             chunk_args = {"shifts": plan.shifts} if kernel.name == "triton" else {}  # FlashInfer steps have none
             try:
