@@ -327,10 +327,8 @@ def main() -> None:
         sides = {b: r[variant] for b, r in table.items() if variant in r}
         for b, r in sides.items():
             print(_row(variant, b, r, table[b]["page_size"]))
-        cascade = next((b for b in sides if b.startswith("CASCADE")), None)
-        for stock in (b for b in sides if not b.startswith("CASCADE")):
-            if cascade is None:
-                continue
+        cascades = [b for b in sides if b.startswith("CASCADE")]  # CASCADE, CASCADE:<settings>
+        for stock, cascade in ((s, c) for s in sides if not s.startswith("CASCADE") for c in cascades):
             s, c = sides[stock], sides[cascade]
             kv = (s["peak_pages"] * table[stock]["page_size"]) / max(c["peak_pages"] * table[cascade]["page_size"], 1)
             print(f"{'':<7} {stock}/{cascade}: TTFT mean {statistics.mean(s['ttft_s']) / statistics.mean(c['ttft_s']):.2f}x"

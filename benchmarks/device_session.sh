@@ -14,7 +14,8 @@
 # kernel's settings against FlashInfer's prefill kernel), model-bench (model-bench-8b: stock and
 # fused on the Qwen3-8B config), model-check (fused vs stock Qwen3 logprobs, bf16 against fp32, on the
 # 0.6B and 8B configs; model-check-unit: 0.6B with unit norm weights, so folding them is exact),
-# chunks-bench (chunks-profile: orders only, in-process engines, the first steps profiled), nosharing
+# chunks-bench (chunks-profile: orders only, in-process engines, the first steps profiled; chunks-fi: stock,
+# CASCADE and CASCADE with chunk_prefill_kernel=flashinfer; fi-tests: the FlashInfer path's tests), nosharing
 # (throughput of nosharing and shared, FLASHINFER and CASCADE). With no STEP: throughput
 # gpu-check gpu-tests kernel-bench. A step that fails does not stop the next;
 # each step's log says how it ended.
@@ -28,8 +29,9 @@ run_step() {
                       --backends FLASH_ATTN,CASCADE --log-dir "$RUN" ;;
     throughput) python3 benchmarks/throughput.py --model $M --backends FLASHINFER,CASCADE,FLASH_ATTN --log-dir "$RUN" ;;
     gpu-check) python3 benchmarks/gpu_check.py --model $M --backends FLASH_ATTN,CASCADE --log-dir "$RUN" ;;
-    gpu-tests) python3 -m pytest -q tests/test_triton_cascade.py tests/test_gpu_attention.py tests/test_fused_qwen3.py tests/test_chunk_pages.py ;;
-    triton-tests) python3 -m pytest -q tests/test_triton_cascade.py tests/test_chunk_pages.py ;;
+    gpu-tests) python3 -m pytest -q tests/test_triton_cascade.py tests/test_gpu_attention.py tests/test_uniform_segments.py tests/test_fused_qwen3.py tests/test_chunk_pages.py ;;
+    triton-tests) python3 -m pytest -q tests/test_triton_cascade.py tests/test_uniform_segments.py tests/test_chunk_pages.py ;;
+    fi-tests) python3 -m pytest -q tests/test_gpu_attention.py tests/test_uniform_segments.py ;;
     kernel-bench) python3 benchmarks/kernel_bench.py --prefix 0 --own 4352; python3 benchmarks/kernel_bench.py ;;
     prefill-bench) python3 benchmarks/prefill_bench.py ;;
     kernel-sweep) python3 benchmarks/kernel_bench.py --prefix 0 --own 4352 --sweep; python3 benchmarks/kernel_bench.py --sweep ;;
@@ -38,6 +40,8 @@ run_step() {
     model-check) python3 benchmarks/model_check.py --model $M,.models/qwen3-8b --log-dir "$RUN" ;;
     model-check-8b) python3 benchmarks/model_check.py --model .models/qwen3-8b --log-dir "$RUN" ;;
     chunks-bench) python3 benchmarks/chunks_bench.py --model $M --log-dir "$RUN" ;;
+    chunks-fi) python3 benchmarks/chunks_bench.py --model $M --backends FLASHINFER,CASCADE,CASCADE:chunk_prefill_kernel=flashinfer \
+                   --log-dir "$RUN" ;;
     chunks-profile) python3 benchmarks/chunks_bench.py --model $M --variants orders --backends ${CHUNKS_BACKENDS:-FLASHINFER,CASCADE} --profile-steps 3 --log-dir "$RUN" ;;
     nosharing) python3 benchmarks/throughput.py --model $M --workloads nosharing,shared --backends FLASHINFER,CASCADE \
                    --log-dir "$RUN" ;;

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -63,7 +64,7 @@ def run_per_backend(script: str, child_args: list[str], backends: list[str], tag
     """
     results, stats = {}, {}
     for backend in backends:
-        path = os.path.join(log_dir, f"{tag}-{backend}")
+        path = os.path.join(log_dir, f"{tag}-{re.sub(r'[^A-Za-z0-9_.-]+', '-', backend)}")  # labels hold ':' and '=
         stats_dir = tempfile.mkdtemp()
         cmd = [sys.executable, script, *child_args, "--backend", backend, "--out", path + ".json"]
         result = run_script(cmd, path, backend, env=dict(os.environ, **{STATS_DIR_ENV: stats_dir}))

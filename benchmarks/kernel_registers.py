@@ -19,14 +19,16 @@ import subprocess
 import tempfile
 
 
-def resource_usage(fn, constexprs: dict, num_warps: int, num_stages: int | None, arch: int) -> dict[str, int]:
-    """Compile `fn` (a @triton.jit kernel; pointers: bf16 for Q/K/V, fp32 for the partials and
-    the RoPE table, int32 otherwise) -> {"registers", "stack", "spill_stores"}."""
+def resource_usage(fn, constexprs: dict, num_warps: int, num_stages: int | None, arch: int,
+                   pointers: dict[str, str] | None = None) -> dict[str, int]:
+    """Compile `fn` (a @triton.jit kernel; pointers: bf16 for Q/K/V/OUT, fp32 for the partials and
+    the RoPE table, int32 otherwise, `pointers` overriding) -> {"registers", "stack", "spill_stores"}."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    floats = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "O_PART": "*fp32", "L_PART": "*fp32", "COS_SIN": "*fp32"}
+    floats = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "OUT": "*bf16", "O_PART": "*fp32", "L_PART": "*fp32",
+              "COS_SIN": "*fp32", **(pointers or {})}
 
     def arg_type(name: str) -> str:
         if name in constexprs:
@@ -78,6 +80,19 @@ def main() -> None:
             print(f"{'chunks' if chunks else 'plain':<15} {rows:>5} {launch.block_n:>5} {launch.num_warps:>6} "
                   f"{launch.num_stages or '-':>7} {use['registers']:>10} {use['stack']:>6} {use['spill_stores']:>13}",
                   flush=True)
+    # The chunk_prefill_kernel="flashinfer" path's own kernels: the query gather-rotate and the merge of
+    # FlashInfer's bf16 partials (as FlashInferCascade launches them).
+    from vllm_cascade.ops.triton_cascade import _gather_rotate_kernel, _merge_kernel
+
+    heads = args.group * 8
+    for name, fn, constexprs, pointers in (
+        ("gather-rotate", _gather_rotate_kernel, {"NUM_HEADS": heads, "HEADS_P2": heads, "HEAD_DIM": args.head_dim,
+                                                   "ROT": args.head_dim, "ROTATE": True}, None),
+        ("merge (bf16)", _merge_kernel, {"HEAD_DIM": args.head_dim}, {"O_PART": "*bf16"}),
+    ):
+        use = resource_usage(fn, constexprs, 4, None, args.arch, pointers)
+        print(f"{name:<15} {'-':>5} {'-':>5} {4:>6} {'-':>7} {use['registers']:>10} {use['stack']:>6} "
+              f"{use['spill_stores']:>13}", flush=True)
 
 
 if __name__ == "__main__":
