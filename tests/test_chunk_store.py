@@ -170,10 +170,20 @@ def test_a_chain_pins_its_real_pages_once_and_deletes_leaf_first(cascade_engine,
     assert small.list_chunks() == [] and small.kv_pages()["free"] == before
 
 
-def test_chunks_on_another_backend_are_refused_and_pin_nothing(reference_engine, tiny_model):
-    """A chunk registered on an engine whose attention backend is not CASCADE: the workers refuse its
-    pages (nothing there would mask pads or shift keys), with a message saying so; the pages it
-    prefilled are not kept pinned and the registry holds nothing."""
+def test_chunks_on_another_backend_are_refused_and_pin_nothing(reference_engine, tiny_model, monkeypatch):
+    """An engine whose attention backend is not CASCADE: a ChunkStore on it is refused at once (501,
+    the workers' reason), before anything is prefilled. Past that check (taken away here), the
+    workers still refuse a chunk's pages with the same message; the pages its prefill took are not
+    kept pinned and the registry holds nothing."""
+    from vllm_cascade import vllm_compat
+    from vllm_cascade.chunks.store import ChunksUnavailable
+
+    with pytest.raises(ChunksUnavailable, match="chunks need the CASCADE attention backend") as err:
+        ChunkStore(reference_engine.llm)
+    assert err.value.status == 501
+    call = vllm_compat.call_engine_core
+    monkeypatch.setattr(vllm_compat, "call_engine_core",
+                        lambda llm, method, *args: None if method == "cascade_chunk_problem" else call(llm, method, *args))
     store = ChunkStore(reference_engine.llm)
     before = store.kv_pages()["free"]
     with pytest.raises(Exception, match="chunks need the CASCADE attention backend"):  # vLLM's utility error

@@ -496,6 +496,36 @@ def test_failed_registration_removes_the_chunks_registered_on_it():
     asyncio.run(scenario())
 
 
+def test_an_engine_that_cannot_hold_chunks_refuses_registrations_with_501():
+    """The chunk API of a server whose engine cannot hold chunks (the engine core's
+    cascade_chunk_problem, e.g. another attention backend): POST /v1/chunks answers 501 with that
+    reason, and nothing is prefilled. A fake engine client, as above: a stock-backend server would
+    cost CI another engine start for one line of routing."""
+    from types import SimpleNamespace
+
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from vllm_cascade.entrypoints.http import ChunkService, router
+
+    class Engine:
+        vllm_config = SimpleNamespace(model_config=SimpleNamespace(model="fake", dtype="float32", max_model_len=1024),
+                                      cache_config=SimpleNamespace(block_size=16), additional_config={})
+
+        async def generate(self, *args):
+            raise AssertionError("nothing may be prefilled")
+            yield
+
+    reason = "chunks need the CASCADE attention backend (--attention-backend cascade): ..."
+    app = FastAPI()
+    app.include_router(router)
+    app.state.cascade_chunks = ChunkService(Engine(), total_pages=100, problem=reason)
+    response = TestClient(app).post("/v1/chunks", json={"token_ids": [1, 2, 3]})
+    assert response.status_code == 501, response.text
+    assert response.json()["error"] == {"message": reason, "type": "ChunksUnavailable", "code": 501}
+    assert app.state.cascade_chunks.registry.list() == []
+
+
 def test_chunks_persist_across_server_restarts(tiny_model, tmp_path):
     """With `chunk_persistence_dir`, a chain registered over HTTP is saved; a deleted chunk's files
     go; after the server stops, a new server with the same directory lists the chain, ready, and a

@@ -294,7 +294,14 @@ def install_chunk_pins() -> None:
         pool = self.scheduler.kv_cache_manager.block_pool
         return {"free": pool.get_num_free_blocks(), "total": pool.num_gpu_blocks}
 
+    def cascade_chunk_problem(self) -> str | None:
+        """Why this engine cannot hold chunks (the first worker's reason), or None: asked before any
+        chunk is prefilled, so that a wrong setup costs nothing."""
+        problems = self.model_executor.collective_rpc(_worker_chunk_problem)
+        return next((p for p in problems if p is not None), None)
+
     EngineCore.cascade_pin_chunk = cascade_pin_chunk
+    EngineCore.cascade_chunk_problem = cascade_chunk_problem
     EngineCore.cascade_unpin_pages = cascade_unpin_pages
     EngineCore.cascade_kv_pages = cascade_kv_pages
     # Chunk persistence (chunks/persist.py): copy pinned pages to files and back, on every worker.
@@ -339,16 +346,25 @@ def _annotate(engine_core: Any, blocks: list, valid: list[int], first_page: int)
     return ids
 
 
-def _worker_annotate_pages(worker: Any, block_ids: list[int], valid: list[int], rot_start: list[int]) -> None:
+def _worker_chunk_problem(worker: Any) -> str | None:
     from vllm_cascade.kv.chunk_pages import worker_chunk_pages
 
     pages = worker_chunk_pages()
     if pages is None:
-        raise RuntimeError("chunks need the CASCADE attention backend (--attention-backend cascade): "
-                           "no other backend masks their page padding or shifts their positions")
+        return ("chunks need the CASCADE attention backend (--attention-backend cascade): "
+                "no other backend masks their page padding or shifts their positions")
     if pages.cos_sin_cache is None:
-        raise RuntimeError(f"chunks cannot be composed with this model: {pages.rope_problem}")
-    pages.annotate(block_ids, valid, rot_start)
+        return f"chunks cannot be composed with this model: {pages.rope_problem}"
+    return None
+
+
+def _worker_annotate_pages(worker: Any, block_ids: list[int], valid: list[int], rot_start: list[int]) -> None:
+    from vllm_cascade.kv.chunk_pages import worker_chunk_pages
+
+    problem = _worker_chunk_problem(worker)
+    if problem is not None:
+        raise RuntimeError(problem)
+    worker_chunk_pages().annotate(block_ids, valid, rot_start)
 
 
 def model_rope_table(head_size: int) -> tuple[Any, str | None]:

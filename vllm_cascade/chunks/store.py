@@ -65,6 +65,12 @@ class ChunkConflict(ChunkError):
     status = 409
 
 
+class ChunksUnavailable(ChunkError):
+    """This engine cannot hold chunks (not the CASCADE backend, or a RoPE chunks cannot shift)."""
+
+    status = 501
+
+
 @dataclass(frozen=True)
 class ChunkSpec:
     """One chunk to register: text (tokenized here, once) or token ids."""
@@ -188,6 +194,9 @@ class ChunkStore:
         config = llm.llm_engine.vllm_config
         if not config.cache_config.enable_prefix_caching:
             raise ChunkError("chunks need prefix caching: create the LLM with enable_prefix_caching=True")
+        problem = vllm_compat.call_engine_core(llm, "cascade_chunk_problem")
+        if problem is not None:
+            raise ChunksUnavailable(problem)
         self.llm = llm
         self.max_model_len = config.model_config.max_model_len
         self.registry = make_registry(config, self.kv_pages()["total"], self._unpin, page_budget, max_chunks,

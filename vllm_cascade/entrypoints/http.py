@@ -52,6 +52,7 @@ from vllm_cascade.chunks.persist import ChunkFiles, ChunkPersistence, fingerprin
 from vllm_cascade.chunks.registry import Chunk, ChunkError, UnknownChunk
 from vllm_cascade.chunks.store import (
     ChunkConflict,
+    ChunksUnavailable,
     ChunkSpec,
     chunk_json,
     chunk_stats,
@@ -78,8 +79,11 @@ COMPOSITION: ContextVar[Composition | None] = ContextVar("cascade_composition", 
 class ChunkService:
     """Chunks for one API server: the registry here, pages pinned in the engine core."""
 
-    def __init__(self, engine_client: Any, total_pages: int) -> None:
+    def __init__(self, engine_client: Any, total_pages: int, problem: str | None = None) -> None:
+        """`problem`: why this engine cannot hold chunks (the engine core's cascade_chunk_problem);
+        registrations are then refused with it (501) before anything is prefilled."""
         config = engine_client.vllm_config
+        self.problem = problem
         self.engine = engine_client
         self.max_model_len = config.model_config.max_model_len
         self._unpin: list[int] = []  # pages the registry let go, handed back after each operation
@@ -117,6 +121,8 @@ class ChunkService:
     async def register(self, spec: ChunkSpec) -> dict:
         from vllm import SamplingParams
 
+        if self.problem is not None:
+            raise ChunksUnavailable(self.problem)
         own = list(spec.token_ids) if spec.token_ids is not None else self.tokenize(spec.text)
         chunk, created = register_spec(self.registry, spec, own, self.max_model_len)
         if not created:
@@ -435,12 +441,15 @@ class ChunkEndpoints:
     async def init_state(self, engine_client: Any, state: Any, args: Any) -> None:
         if engine_client is not None:
             pages = await vllm_compat.call_engine_core_async(engine_client, "cascade_kv_pages")
+            problem = await vllm_compat.call_engine_core_async(engine_client, "cascade_chunk_problem")
             global ACTIVE_SERVICE
-            service = ChunkService(engine_client, pages["total"])
+            service = ChunkService(engine_client, pages["total"], problem)
             from vllm_cascade.config import CascadeConfig
 
             directory = CascadeConfig.from_vllm(engine_client.vllm_config).chunk_persistence_dir
-            if directory:
+            if directory and problem is None:
                 await service.start_persistence(directory)
+            elif problem is not None:
+                logger.warning("chunk API: registrations will be refused: %s", problem)
             state.cascade_chunks = ACTIVE_SERVICE = service
             vllm_compat.hook_compositions(state, COMPOSITION)
