@@ -11,6 +11,7 @@ import pytest
 from conftest import assert_plugin_ran
 from test_e2e_llm import window
 
+from vllm_cascade import vllm_compat
 from vllm_cascade.chunks.layout import CompositionTooLong
 from vllm_cascade.chunks.registry import ChunkInUse, RegistryFull, UnknownChunk
 from vllm_cascade.chunks.store import ChunkSpec, ChunkStore
@@ -79,9 +80,13 @@ def test_any_order_reuses_every_chunk_page_and_equals_independent_composition(st
     first, second, tail = window(tiny_model, 50, 60), window(tiny_model, 900, 70), window(tiny_model, 1300, 5)
     a, b = store.register_chunks([ChunkSpec(token_ids=first), ChunkSpec(token_ids=second)], use_tqdm=False)
     before = cascade_engine.totals()
+    lookups = vllm_compat.call_engine_core(store.llm, "cascade_lookup_stats")
     outs = store.generate([{"chunks": [b.chunk_id, a.chunk_id], "tail": tail},
                            {"chunks": [a.chunk_id, b.chunk_id], "tail": tail}], greedy())
     assert [o.num_cached_tokens for o in outs] == [60 + 70] * 2  # every chunk token (pads left out)
+    # The scheduler took both requests' chunk pages from the pins (install_pinned_lookup).
+    after_lookups = vllm_compat.call_engine_core(store.llm, "cascade_lookup_stats")
+    assert after_lookups["pinned"] == lookups["pinned"] + 2 and after_lookups["vllm"] == lookups["vllm"]
     assert store.stats()["reused_tokens"] == store.stats()["chunk_tokens"] == 2 * (60 + 70)
     model = AutoModelForCausalLM.from_pretrained(str(tiny_model), dtype=torch.float32).eval()
     with torch.no_grad():

@@ -28,5 +28,6 @@ def register() -> None:
     vllm_compat.mirror_block_tables()
     vllm_compat.install_composed_hashing()
     vllm_compat.install_chunk_pins()
+    vllm_compat.install_pinned_lookup()
     stats.ensure_stats_dir()
     metrics.register_collector()

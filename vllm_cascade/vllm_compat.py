@@ -202,6 +202,25 @@ class ComposedBlockHasher:
     def __init__(self, plain: Any, block_size: int, hash_fn: Any) -> None:
         self.plain, self.block_size, self.hash_fn = plain, block_size, hash_fn
         self.chunks: dict[str, list] = {}
+        # chunk id -> its own pinned blocks, while pinned (`pinned_lead`); dropped at unpin.
+        self.blocks: dict[str, list] = {}
+        self.lookups = {"pinned": 0, "vllm": 0}  # composed requests' prefix-cache lookups, by path
+
+    def pinned_lead(self, request: Any) -> list | None:
+        """The pinned blocks of a composed request's leading chunk pages, in order, or None (a chunk
+        not pinned now: vLLM's lookup then). Pinned blocks are never evicted, so they hold exactly
+        the hashes `__call__` gives those pages."""
+        lead: list = []
+        for chunk_id, pages in composition_refs(request.sampling_params):
+            blocks = self.blocks.get(chunk_id)
+            if blocks is None or pages > len(blocks):
+                return None
+            lead += blocks[:pages]
+        return lead
+
+    def forget_blocks(self, block_ids: set[int]) -> None:
+        for chunk_id in [c for c, blocks in self.blocks.items() if any(b.block_id in block_ids for b in blocks)]:
+            del self.blocks[chunk_id]
 
     def __call__(self, request: Any) -> list:
         refs = composition_refs(request.sampling_params)
@@ -258,6 +277,49 @@ def install_composed_hashing() -> None:
     core.get_request_block_hasher = get_request_block_hasher
 
 
+def install_pinned_lookup() -> None:
+    """Composed requests find their chunk pages in the pins instead of vLLM's hash-by-hash lookup
+    (idempotent). vLLM's `KVCacheManager.get_computed_blocks` looks each full page up by its hash:
+    for 32 requests of 4 chunks of 2048 tokens, 16k lookups, 8 ms of scheduler time on the dev
+    machine (benchmarks/host_bench.py). A composed request's leading pages are pinned chunk pages
+    (never evicted, so cached under exactly those hashes): they are taken as they are, and vLLM
+    looks up only the pages after them. Setups this does not cover (several KV-cache groups, KV
+    events, EAGLE, context parallelism, a chunk not pinned now) keep vLLM's lookup."""
+    from vllm.v1.core.kv_cache_coordinator import UnitaryKVCacheCoordinator
+    from vllm.v1.core.kv_cache_manager import KVCacheManager
+    from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
+
+    original = KVCacheManager.get_computed_blocks
+    if getattr(original, "_cascade_wrapped", False):
+        return
+
+    def get_computed_blocks(self: Any, request: Any) -> tuple[Any, int, int]:
+        hasher = getattr(request, "_block_hasher", None)
+        if not isinstance(hasher, ComposedBlockHasher) or not composition_refs(request.sampling_params):
+            return original(self, request)  # a plain request
+        lead = hasher.pinned_lead(request)
+        coordinator = self.coordinator
+        max_hit = request.num_tokens - 1  # as vLLM: the last token is computed again for its logits
+        covered = (lead is not None and isinstance(coordinator, UnitaryKVCacheCoordinator)  # one group, full attention
+                   and type(coordinator.single_type_managers[0]) is FullAttentionManager
+                   and self.prefix_cache_lookup_enabled(request)
+                   and not self.enable_kv_cache_events and not self.use_eagle
+                   and coordinator.dcp_world_size == 1 and coordinator.pcp_world_size == 1
+                   and self.block_pool.hash_block_size == hasher.block_size == coordinator.block_size
+                   and len(lead) * hasher.block_size <= max_hit and len(lead) <= len(request.block_hashes))
+        if not covered:
+            hasher.lookups["vllm"] += 1
+            return original(self, request)
+        hasher.lookups["pinned"] += 1
+        lead_tokens = len(lead) * hasher.block_size
+        tail, tail_tokens, _ = coordinator.find_longest_cache_hit(request.block_hashes[len(lead):], max_hit - lead_tokens)
+        return self.create_kv_cache_blocks((lead + list(tail[0]),)), lead_tokens + tail_tokens, 0
+
+    get_computed_blocks._cascade_wrapped = True  # type: ignore[attr-defined]
+    get_computed_blocks.__wrapped__ = original  # type: ignore[attr-defined]
+    KVCacheManager.get_computed_blocks = get_computed_blocks
+
+
 def install_chunk_pins() -> None:
     """Engine-core utilities for chunk pages (idempotent). They run in the engine core's
     loop between steps, where the scheduler and its KV manager live."""
@@ -281,14 +343,21 @@ def install_chunk_pins() -> None:
         manager.block_pool.touch(own)
         ids = _annotate(self, own, valid, first)
         hasher.chunks[chunk_id] = list(request.block_hashes[first : first + len(own)])
+        hasher.blocks[chunk_id] = own
         return ids
 
     def cascade_unpin_pages(self, block_ids: list[int]) -> None:
         """Drop the references `cascade_pin_chunk` took and the pages' annotations; the pages stay
         cached until evicted."""
         pool = self.scheduler.kv_cache_manager.block_pool
+        self.request_block_hasher.forget_blocks(set(block_ids))  # evictable from now on
         self.model_executor.collective_rpc(_worker_release_pages, args=(list(block_ids),))
         pool.free_blocks([pool.blocks[i] for i in block_ids])
+
+    def cascade_lookup_stats(self) -> dict[str, int]:
+        """Composed requests' prefix-cache lookups by path: "pinned" (chunk pages taken from the
+        pins, `install_pinned_lookup`) and "vllm" (vLLM's hash-by-hash lookup)."""
+        return dict(self.request_block_hasher.lookups)
 
     def cascade_kv_pages(self) -> dict[str, int]:
         pool = self.scheduler.kv_cache_manager.block_pool
@@ -302,6 +371,7 @@ def install_chunk_pins() -> None:
 
     EngineCore.cascade_pin_chunk = cascade_pin_chunk
     EngineCore.cascade_chunk_problem = cascade_chunk_problem
+    EngineCore.cascade_lookup_stats = cascade_lookup_stats
     EngineCore.cascade_unpin_pages = cascade_unpin_pages
     EngineCore.cascade_kv_pages = cascade_kv_pages
     # Chunk persistence (chunks/persist.py): copy pinned pages to files and back, on every worker.
@@ -511,6 +581,7 @@ def cascade_load_pages(self, chunk_id: str, token_ids: list[int], refs: list, va
     ids = _annotate(self, own, valid, first)
     pool.cache_full_blocks(request, hit + new, len(hit), num_full, hasher.block_size, 0)
     hasher.chunks[chunk_id] = list(request.block_hashes[first:num_full])
+    hasher.blocks[chunk_id] = own
     return ids
 
 
