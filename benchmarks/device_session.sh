@@ -9,6 +9,7 @@
 # Steps run in the order given (a machine is held 30 minutes at most, so put
 # first what matters most): host-bench, step-profile, throughput, gpu-check,
 # gpu-tests (triton-tests: the kernel tests alone), kernel-bench (the nosharing and shared decode shapes;
+# kernel-single: the single workload's batch-1 decode shape, with and without fill_programs;
 # kernel-sweep: launch settings at the
 # nosharing and shared shapes), prefill-bench (one layer of the composed-chunks prefill step: the chunk
 # kernel's settings against FlashInfer's prefill kernel), model-bench (model-bench-8b: stock and
@@ -33,6 +34,7 @@ run_step() {
     triton-tests) python3 -m pytest -q tests/test_triton_cascade.py tests/test_uniform_segments.py tests/test_chunk_pages.py ;;
     fi-tests) python3 -m pytest -q tests/test_gpu_attention.py tests/test_uniform_segments.py ;;
     kernel-bench) python3 benchmarks/kernel_bench.py --prefix 0 --own 4352; python3 benchmarks/kernel_bench.py ;;
+    kernel-single) python3 benchmarks/kernel_bench.py --batch 1 --prefix 0 --own 640 ;;
     prefill-bench) python3 benchmarks/prefill_bench.py ;;
     kernel-sweep) python3 benchmarks/kernel_bench.py --prefix 0 --own 4352 --sweep; python3 benchmarks/kernel_bench.py --sweep ;;
     model-bench) python3 benchmarks/model_bench.py --model $M --variants stock,fused,fused-noaddmm --log-dir "$RUN" ;;

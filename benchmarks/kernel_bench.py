@@ -10,7 +10,8 @@ timings). Host planning time per step is reported apart.
     python benchmarks/kernel_bench.py [--prefix 8192 --own 192 --batch 64] [--sweep]
 
 `--prefix 0` is the `nosharing` shape's decode (flat: every request its own
-pages; e.g. `--prefix 0 --own 4352`). `--sweep` adds the Triton kernels under
+pages; e.g. `--prefix 0 --own 4352`); `--batch 1 --prefix 0 --own 640` is the
+`single` workload's last decode steps. `--sweep` adds the Triton kernels under
 CUDA-graph replay for each pages-per-item and launch setting (keys per inner
 step, warps, pipeline stages), to choose the defaults from.
 """
@@ -130,12 +131,12 @@ def main() -> None:
             host[f"triton work list (wide {wide_m}, {pages_per_item} pages/item)"] = (time.perf_counter() - t0) * 1e6
             variants[f"triton, wide {wide_m}, {pages_per_item} pages/item"] = into(tc.run, torch.empty_like(q))
 
-    def replayed(pages_per_item: int = 16, launches=None, programs_per_sm: int = 4):
+    def replayed(pages_per_item: int = 16, launches=None, programs_per_sm: int = 4, fill: bool = False):
         """What a FULL CUDA graph replays: fixed buffers, the launches captured once (both
         specializations of the partials kernel, as in the backend's graphs)."""
         fixed = TritonCascade(hq, hkv, page, scale, head_dim=d, pages_per_item=pages_per_item, launches=launches,
                               capacity={"tokens": 512, "rows": 16384, "items": 16384},
-                              programs_per_sm=programs_per_sm)
+                              programs_per_sm=programs_per_sm, fill_programs=fill)
         fixed.plan(plan, bt, seq_lens, qsl)
         graph_out = torch.empty_like(q)
         fixed.run(q, k, v, graph_out)
@@ -150,6 +151,8 @@ def main() -> None:
     variants["triton, backend decode settings, graph replay"] = replayed(backend_pages)
     for per_sm in (2, 8):  # persistent programs per SM (the backend: 4)
         variants[f"triton, backend settings, {per_sm} programs/SM"] = replayed(backend_pages, None, per_sm)
+    # Shorter KV runs when the step has few pages per program (small batches: `--batch 1 --prefix 0 --own 640`).
+    variants["triton, backend settings + fill_programs, graph replay"] = replayed(backend_pages, fill=True)
     if args.sweep:
         # (keys per inner step, warps, pipeline stages) of one launch; the other keeps its default.
         settings = [Launch(*s) for s in itertools.product((32, 64), (4, 8), (None, 2, 4))]

@@ -132,12 +132,13 @@ def triton_cascade():
 @pytest.mark.skipif(ON_GPU or INTERPRETED, reason="the kernel cases run directly in this process")
 def test_fused_kernels_under_the_interpreter():
     names = ("test_fused_kernels_match_reference", "test_triton_cascade_steps", "test_fixed_capacity",
+             "test_fill_programs_cuts_shorter_runs",
              "test_chunked_kernels_match_reference", "test_chunk_flag_follows_each_step")
     cases = [f"{__file__}::{name}" for name in names]
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *cases]
     proc = subprocess.run(cmd, env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True,
                           timeout=600, cwd=os.path.dirname(__file__))
-    assert proc.returncode == 0 and "17 passed" in proc.stdout, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert proc.returncode == 0 and "18 passed" in proc.stdout, proc.stdout[-4000:] + proc.stderr[-2000:]
 
 
 @pytest.mark.skipif(not (ON_GPU or INTERPRETED), reason="needs a GPU or TRITON_INTERPRET=1 from process start")
@@ -182,6 +183,32 @@ def test_triton_cascade_steps(triton_cascade):
     for (cap_a, *ptrs_a), (cap_b, *ptrs_b) in zip(capacities, capacities[1:]):
         assert cap_a != cap_b or ptrs_a == ptrs_b
     assert len({str(c[0]) for c in capacities}) < len(capacities)  # some steps reused the buffers
+
+
+@pytest.mark.skipif(not (ON_GPU or INTERPRETED), reason="needs a GPU or TRITON_INTERPRET=1 from process start")
+def test_fill_programs_cuts_shorter_runs(triton_cascade):
+    """`fill_programs`: a step with few pages per program is cut into shorter KV runs (down to
+    FILL_MIN_PAGES), with the same result; a batch of one narrow tile (batch-1 decode) has no wide
+    items, so its wide launch is left out."""
+    device = "cuda" if ON_GPU else "cpu"
+    page, d = 4, 16
+    table = np.arange(1, 65).reshape(1, 64)
+    seq_lens, qsl = np.array([250]), np.array([0, 1])
+    k, v = (torch.randn(65, 2, page, d) for _ in range(2))
+    q = torch.randn(1, 4, d)
+    plan = flat_plan(seq_lens, page)
+    ref = reference(q, k, v, table, seq_lens, qsl, plan)
+    for fill in (False, True):
+        kernel = triton_cascade.TritonCascade(4, 2, page, d**-0.5, pages_per_item=64, device=device, head_dim=d,
+                                              fill_programs=fill)
+        kernel.plan(plan, torch.from_numpy(table).to(device, torch.int32), seq_lens, qsl)
+        expect = max(triton_cascade.FILL_MIN_PAGES, 63 // kernel.programs) if fill else 64
+        assert kernel.last_pages_per_item == min(64, expect)
+        assert kernel.worklist["item_range"][1].item() == 0  # no wide items
+        out = torch.full_like(q, float("nan"), device=device)
+        kernel.run(q.to(device), k.to(device), v.to(device), out)
+        tol = 2e-3 if ON_GPU else 1e-4
+        torch.testing.assert_close(out.cpu(), ref, atol=tol, rtol=tol)
 
 
 @pytest.mark.skipif(not (ON_GPU or INTERPRETED), reason="needs a GPU or TRITON_INTERPRET=1 from process start")

@@ -41,6 +41,7 @@ from vllm_cascade.attention.worklist import WorkList, WorkListTooLarge, is_decod
 
 NARROW_M = 16  # query rows (tokens x G) per program for decode-sized groups; tl.dot needs >= 16
 BLOCK_N = 32  # keys per inner step
+FILL_MIN_PAGES = 4  # the shortest KV run `fill_programs` cuts (two inner steps at page 16)
 
 
 @dataclass(frozen=True)
@@ -254,7 +255,12 @@ def cascade_attention_triton(
     item_range = wl["item_range"]
     wide, narrow = launches or (Launch(num_warps=4 if wide_m <= 64 else 8), Launch())
     kinds = (False, True) if chunks is None else (chunks,)
-    for block_m, bounds, launch in ((wide_m, item_range[0:2], wide), (NARROW_M, item_range[1:3], narrow)):
+    tiles = ((wide_m, item_range[0:2], wide), (NARROW_M, item_range[1:3], narrow))
+    if q.shape[0] <= NARROW_M // g:
+        # No query group exceeds one narrow tile, so build_worklist made no wide items: one launch
+        # less per layer (also in the CUDA graphs of such batch sizes, e.g. batch-1 decode).
+        tiles = tiles[1:]
+    for block_m, bounds, launch in tiles:
         for with_chunks in kinds:
             _partials_kernel[(programs, num_kv_heads)](
                 q, k_cache, v_cache, block_table, o_part, l_part,
@@ -364,7 +370,7 @@ class TritonCascade:
                  pages_per_item: int = 16, device: torch.device | str = "cuda", head_dim: int = 128,
                  wide_m: int = 64, capacity: dict[str, int] | None = None,
                  launches: tuple[Launch, Launch] | None = None, flat_pages_per_item: int | None = None,
-                 programs_per_sm: int = 4) -> None:
+                 programs_per_sm: int = 4, fill_programs: bool = False) -> None:
         self.num_qo_heads, self.group = num_qo_heads, num_qo_heads // num_kv_heads
         self.page_size, self.scale, self.pages_per_item = page_size, scale, pages_per_item
         # Steps without shared levels stream each row's keys alone: longer runs per item pay there.
@@ -374,6 +380,9 @@ class TritonCascade:
         self.device = torch.device(device)
         sms = torch.cuda.get_device_properties(self.device).multi_processor_count if self.device.type == "cuda" else 1
         self.programs = max(2, programs_per_sm * sms // num_kv_heads)  # x num_kv_heads in the grid
+        # Steps with few KV pages (small batches, short contexts) get shorter runs, down to
+        # FILL_MIN_PAGES, so that every program of a head has an item (not measured on a GPU yet).
+        self.fill_programs = fill_programs
         self.fixed = capacity is not None
         self.capacity = {"items": 0, "rows": 0, "tokens": 0}
         self._host: list[torch.Tensor] = []
@@ -449,6 +458,8 @@ class TritonCascade:
         from vllm_cascade.attention.worklist import build_worklist
 
         pages_per_item = self.flat_pages_per_item if plan.is_flat else self.pages_per_item
+        if self.fill_programs:
+            pages_per_item = min(pages_per_item, max(FILL_MIN_PAGES, plan.pages_read // self.programs))
         max_pages = -(-int(np.max(seq_lens, initial=0)) // self.page_size)
         while True:
             wl = build_worklist(plan, seq_lens, query_start_loc, self.page_size, NARROW_M // self.group,
