@@ -284,6 +284,10 @@ def run_backend(args) -> None:
         r = results[variant]
         print(variant, {k: v for k, v in r.items() if not isinstance(v, list)},
               f"TTFT mean {statistics.mean(r['ttft_s']) * 1e3:.1f} ms", flush=True)
+    if side.store is not None:  # how the scheduler found the compositions' chunk pages (install_pinned_lookup)
+        from vllm_cascade import vllm_compat
+
+        results["lookups"] = vllm_compat.call_engine_core(side.llm, "cascade_lookup_stats")
     with open(args.out, "w") as f:
         json.dump(results, f)
 
@@ -318,6 +322,10 @@ def main() -> None:
     table, stats = run_per_backend(__file__, child, args.backends.split(","), "chunks", args.log_dir)
     for name, counters in stats.items():
         print(f"{name} worker stats: {stats_line(counters)}")
+    for name, r in table.items():
+        if "lookups" in r:
+            print(f"{name} scheduler lookups of compositions: {r['lookups']['pinned']} from the pins, "
+                  f"{r['lookups']['vllm']} by vLLM's hash lookup")
     shape = Shape(**next(iter(table.values()))["shape"]) if table else (QUICK if args.quick else FULL)
     print(f"\n{shape.chunks} chunks x {shape.chunk_tokens} tokens, {shape.requests} requests "
           f"(+{shape.tail_tokens}-token tails, {shape.new_tokens} new tokens each)")
