@@ -87,7 +87,7 @@ def main() -> None:
     heads = args.group * 8
     for name, fn, constexprs, pointers in (
         ("gather-rotate", _gather_rotate_kernel, {"NUM_HEADS": heads, "HEADS_P2": heads, "HEAD_DIM": args.head_dim,
-                                                   "ROT": args.head_dim, "ROTATE": True}, None),
+                                                   "ROT": args.head_dim}, None),
         ("merge (bf16)", _merge_kernel, {"HEAD_DIM": args.head_dim}, {"O_PART": "*bf16"}),
     ):
         use = resource_usage(fn, constexprs, 4, None, args.arch, pointers)

@@ -361,10 +361,11 @@ def split_uniform(
             add_runs(seg)
     # Own pages that are not at their true position: chunk pages after a row's last shared one.
     seq_lens = np.asarray(seq_lens, dtype=np.int64)
-    width = int(_num_pages(seq_lens, block_size).max(initial=0))
+    num_pages = _num_pages(seq_lens, block_size)
+    width = int(num_pages.max(initial=0))
     cols = np.arange(width)
     table = block_table[:, :width].astype(np.int64)
-    in_own = (cols[None, :] >= plan.own_first_page[:, None]) & (cols[None, :] < _num_pages(seq_lens, block_size)[:, None])
+    in_own = (cols[None, :] >= plan.own_first_page[:, None]) & (cols[None, :] < num_pages[:, None])
     moved = in_own & ((shifts[:, :width] != 0) | (page_valid[np.where(in_own, table, 0)] < block_size))
     own_first_page = plan.own_first_page.copy()
     for r in np.flatnonzero(moved.any(1)):

@@ -67,7 +67,7 @@ class SharedRuns:
     """
 
     tokens: np.ndarray
-    rotation: np.ndarray | None  # None: no shifts (prefix sharing), a plain gather
+    rotation: np.ndarray
     qo_indptr: np.ndarray
     kv_indptr: np.ndarray
     pages: np.ndarray
@@ -77,6 +77,9 @@ class SharedRuns:
 
     @classmethod
     def of(cls, plan: CascadePlan, query_start_loc: np.ndarray, page_size: int) -> SharedRuns:
+        """The runs of a chunk step's plan (its shifts set, segments from `plan.split_uniform`)."""
+        if plan.shifts is None:
+            raise ValueError("SharedRuns are for steps with chunk pages: the plan has no shifts")
         segments = [s for level in plan.shared for s in level]
         qsl = np.asarray(query_start_loc, dtype=np.int64)
         num_tokens = int(qsl[-1])
@@ -84,21 +87,21 @@ class SharedRuns:
         for s in segments:
             lens = qsl[s.rows + 1] - qsl[s.rows]
             tokens.append(np.repeat(qsl[s.rows], lens) + _index_within(lens))
-            if plan.shifts is not None:
-                shift = int(plan.shifts[s.rows[0], s.first_page]) + (0 if s.q_shift is None else s.q_shift.astype(np.int64))
-                rotation.append(np.repeat(-np.broadcast_to(shift, len(s.rows)), lens))
+            shift = int(plan.shifts[s.rows[0], s.first_page]) + (0 if s.q_shift is None else s.q_shift.astype(np.int64))
+            rotation.append(np.repeat(-np.broadcast_to(shift, len(s.rows)), lens))
             seg_q.append(int(lens.sum()))
-        tokens_all = np.concatenate(tokens) if tokens else np.zeros(0, np.int64)
+        empty = np.zeros(0, np.int64)
+        tokens_all = np.concatenate(tokens) if tokens else empty
         kv_lens = np.array([len(s.pages) * page_size if s.num_keys is None else s.num_keys for s in segments], np.int64)
         # Each token's partial rows, its own level's first (a stable sort keeps it first).
         every_token = np.concatenate([np.arange(num_tokens), tokens_all])
         order = np.argsort(every_token, kind="stable")
         return cls(
             tokens=tokens_all,
-            rotation=np.concatenate(rotation) if plan.shifts is not None and rotation else None,
+            rotation=np.concatenate(rotation) if rotation else empty,
             qo_indptr=np.concatenate([[0], np.cumsum(seg_q)]).astype(np.int64),
             kv_indptr=np.concatenate([[0], np.cumsum([len(s.pages) for s in segments])]).astype(np.int64),
-            pages=np.concatenate([s.pages for s in segments]) if segments else np.zeros(0, np.int64),
+            pages=np.concatenate([s.pages for s in segments]) if segments else empty,
             kv_lens=kv_lens,
             contrib_off=np.concatenate([[0], np.cumsum(np.bincount(every_token, minlength=num_tokens))]),
             contrib_row=order,
@@ -193,7 +196,7 @@ class FlashInferCascade:
             self._plan_prefix_levels(plan, query_start_loc)
             return
         runs = SharedRuns.of(plan, query_start_loc, self.page_size)
-        if runs.rotation is not None and self.cos_sin_cache is None:
+        if self.cos_sin_cache is None:
             raise RuntimeError("a step with chunk pages needs the model's RoPE table (cos_sin_cache)")
         self._plan_level(self.shared_wrapper, runs.qo_indptr, runs.kv_indptr,
                          torch.from_numpy(runs.pages.astype(np.int32)).to(self.device, non_blocking=True),
@@ -202,7 +205,7 @@ class FlashInferCascade:
         num_tokens, gathered = int(query_start_loc[-1]), len(runs.tokens)
         fields = {"tokens": runs.tokens, "rotation": runs.rotation, "contrib_off": runs.contrib_off,
                   "contrib_row": runs.contrib_row, "num_tokens": [num_tokens]}
-        fields = {k: np.asarray(v, dtype=np.int32) for k, v in fields.items() if v is not None}
+        fields = {k: np.asarray(v, dtype=np.int32) for k, v in fields.items()}
         host = torch.from_numpy(np.concatenate(list(fields.values())))
         dev = host.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else host
         self._device_runs, offset = {}, 0
@@ -271,7 +274,7 @@ class FlashInferCascade:
         t = query.shape[0]
         runs = self._device_runs
         self.own_wrapper.run(query, kv, out=o_part[:t], lse=l_part[:t], return_lse=True)
-        gather_rotate(query, runs["tokens"], runs.get("rotation"), self.cos_sin_cache, q_shared)
+        gather_rotate(query, runs["tokens"], runs["rotation"], self.cos_sin_cache, q_shared)
         self.shared_wrapper.run(q_shared, kv, out=o_part[t:], lse=l_part[t:], return_lse=True)
         merge_partials(o_part, l_part, out, runs["contrib_off"], runs["contrib_row"], runs["num_tokens"],
                        min(self._merge_programs, t))

@@ -297,7 +297,6 @@ def _gather_rotate_kernel(
     Q, OUT, TOKENS, ROTATION, COS_SIN,
     stride_qt, stride_qh, stride_ot, stride_oh, stride_cs,
     NUM_HEADS: tl.constexpr, HEADS_P2: tl.constexpr, HEAD_DIM: tl.constexpr, ROT: tl.constexpr,
-    ROTATE: tl.constexpr,
 ):  # fmt: skip
     r = tl.program_id(0).to(tl.int64)
     tok = tl.load(TOKENS + r).to(tl.int64)
@@ -306,30 +305,26 @@ def _gather_rotate_kernel(
     d = tl.arange(0, HEAD_DIM)
     row = Q + tok * stride_qt + heads * stride_qh
     x = tl.load(row[:, None] + d[None, :], mask=ok[:, None], other=0.0)
-    if ROTATE:
-        x = _rotate_rows(x, row, tl.zeros([HEADS_P2], tl.int32) + tl.load(ROTATION + r), ok, COS_SIN, stride_cs,
-                         HEAD_DIM, ROT)
+    x = _rotate_rows(x, row, tl.zeros([HEADS_P2], tl.int32) + tl.load(ROTATION + r), ok, COS_SIN, stride_cs,
+                     HEAD_DIM, ROT)
     tl.store(OUT + r * stride_ot + heads[:, None] * stride_oh + d[None, :], x, mask=ok[:, None])
 
 
-def gather_rotate(query: torch.Tensor, tokens: torch.Tensor, rotation: torch.Tensor | None,
-                  cos_sin_cache: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
+def gather_rotate(query: torch.Tensor, tokens: torch.Tensor, rotation: torch.Tensor, cos_sin_cache: torch.Tensor,
+                  out: torch.Tensor) -> torch.Tensor:
     """out[r] = query[tokens[r]] RoPE-rotated by rotation[r] more positions (signed; neox over the
     cache's rot_dim), in query's dtype: the query of a row rotated once for a segment of keys that
-    stand `-rotation[r]` positions off (kv/chunk_pages.py). rotation None: a plain gather.
+    stand `-rotation[r]` positions off (kv/chunk_pages.py).
 
     query [T, Hq, D]; tokens, rotation [R] int32 on its device; out [R, Hq, D].
     """
     rows, heads, head_dim = out.shape
     if rows == 0:
         return out
-    rotate = rotation is not None
-    cos_sin = cos_sin_cache if rotate else query.new_zeros(1, 2)
     _gather_rotate_kernel[(rows,)](
-        query, out, tokens, rotation if rotate else tokens, cos_sin,
-        query.stride(0), query.stride(1), out.stride(0), out.stride(1), cos_sin.stride(0),
-        NUM_HEADS=heads, HEADS_P2=triton.next_power_of_2(heads), HEAD_DIM=head_dim, ROT=cos_sin.shape[1],
-        ROTATE=rotate,
+        query, out, tokens, rotation, cos_sin_cache,
+        query.stride(0), query.stride(1), out.stride(0), out.stride(1), cos_sin_cache.stride(0),
+        NUM_HEADS=heads, HEADS_P2=triton.next_power_of_2(heads), HEAD_DIM=head_dim, ROT=cos_sin_cache.shape[1],
     )  # fmt: skip
     return out
 
