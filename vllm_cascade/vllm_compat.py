@@ -206,12 +206,12 @@ class ComposedBlockHasher:
         self.blocks: dict[str, list] = {}
         self.lookups = {"pinned": 0, "vllm": 0}  # composed requests' prefix-cache lookups, by path
 
-    def pinned_lead(self, request: Any) -> list | None:
-        """The pinned blocks of a composed request's leading chunk pages, in order, or None (a chunk
-        not pinned now: vLLM's lookup then). Pinned blocks are never evicted, so they hold exactly
-        the hashes `__call__` gives those pages."""
+    def pinned_lead(self, refs: list[tuple[str, int]]) -> list | None:
+        """The pinned blocks of a composition's leading chunk pages (`refs`: composition_refs), in
+        order, or None (a chunk not pinned now: vLLM's lookup then). Pinned blocks are never evicted,
+        so they hold exactly the hashes `__call__` gives those pages."""
         lead: list = []
-        for chunk_id, pages in composition_refs(request.sampling_params):
+        for chunk_id, pages in refs:
             blocks = self.blocks.get(chunk_id)
             if blocks is None or pages > len(blocks):
                 return None
@@ -295,9 +295,10 @@ def install_pinned_lookup() -> None:
 
     def get_computed_blocks(self: Any, request: Any) -> tuple[Any, int, int]:
         hasher = getattr(request, "_block_hasher", None)
-        if not isinstance(hasher, ComposedBlockHasher) or not composition_refs(request.sampling_params):
+        refs = composition_refs(request.sampling_params) if isinstance(hasher, ComposedBlockHasher) else []
+        if not refs:
             return original(self, request)  # a plain request
-        lead = hasher.pinned_lead(request)
+        lead = hasher.pinned_lead(refs)
         coordinator = self.coordinator
         max_hit = request.num_tokens - 1  # as vLLM: the last token is computed again for its logits
         covered = (lead is not None and isinstance(coordinator, UnitaryKVCacheCoordinator)  # one group, full attention
