@@ -134,33 +134,15 @@ def bench_orders_lookup(reps: int = 20) -> None:
     """The scheduler's prefix-cache lookup of the 32 composed requests (4 chunks of 128 pages in
     24 orders + a 64-token tail): vLLM's hash-by-hash lookup against the pinned one
     (vllm_compat.install_pinned_lookup), on vLLM's own KV-cache manager."""
-    from vllm import SamplingParams
-    from vllm.utils.hashing import get_hash_fn_by_name
-    from vllm.v1.core.kv_cache_manager import KVCacheManager
-    from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
-    from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
-    from vllm.v1.request import Request
+    from vllm_cascade.testing.kv_lookup import composed_request, lookup_manager, pin_chunk
 
-    from vllm_cascade import vllm_compat
-
-    vllm_compat.install_pinned_lookup()
-    hash_fn = get_hash_fn_by_name("sha256")
-    init_none_hash(hash_fn)
-    hasher = vllm_compat.ComposedBlockHasher(get_request_block_hasher(PAGE, hash_fn), PAGE, hash_fn)
-    spec = FullAttentionSpec(block_size=PAGE, num_kv_heads=8, head_size=128, dtype=torch.bfloat16)
-    config = KVCacheConfig(num_blocks=4096, kv_cache_tensors=[], kv_cache_groups=[KVCacheGroupSpec(["l0"], spec)])
-    manager = KVCacheManager(config, max_model_len=40000, scheduler_block_size=PAGE, hash_block_size=PAGE)
+    manager, hasher = lookup_manager(PAGE, num_blocks=4096, max_model_len=40000)
     rng = np.random.default_rng(0)
-    for c in range(4):  # pinned as cascade_pin_chunk leaves them
-        reg = Request(f"reg-{c}", rng.integers(1, 30000, 2048).tolist(), SamplingParams(max_tokens=1), None,
-                      block_hasher=hasher)
-        blocks = manager.block_pool.get_new_blocks(128)
-        manager.block_pool.cache_full_blocks(reg, blocks, 0, 128, PAGE, 0)
-        hasher.chunks[str(c)], hasher.blocks[str(c)] = list(reg.block_hashes), blocks
+    for c in range(4):
+        pin_chunk(manager, hasher, str(c), rng.integers(1, 30000, 2048).tolist())
     orders = list(itertools.permutations(range(4)))
-    requests = [Request(f"r{r}", [0] * 8192 + rng.integers(1, 30000, 64).tolist(),
-                        SamplingParams(max_tokens=1, extra_args={"cascade_chunks": [f"{c}:128" for c in orders[r % 24]]}),
-                        None, block_hasher=hasher) for r in range(32)]
+    requests = [composed_request(hasher, f"r{r}", [(str(c), 128) for c in orders[r % 24]],
+                                 rng.integers(1, 30000, 64).tolist()) for r in range(32)]
     vllm_lookup = manager.get_computed_blocks.__wrapped__
     for name, lookup in (("vllm", lambda req: vllm_lookup(manager, req)), ("pinned", manager.get_computed_blocks)):
         for req in requests:

@@ -4,46 +4,22 @@ hash-by-hash lookup, taken from the pins. The end-to-end chunk tests run it insi
 
 import numpy as np
 import pytest
-import torch
 from vllm import SamplingParams
-from vllm.utils.hashing import get_hash_fn_by_name
-from vllm.v1.core.kv_cache_manager import KVCacheManager
-from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
-from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
 from vllm.v1.request import Request
 
-from vllm_cascade import vllm_compat
+from vllm_cascade.testing.kv_lookup import composed_request, lookup_manager
+from vllm_cascade.testing.kv_lookup import pin_chunk as pin
 
 PAGE = 16
 
 
 @pytest.fixture(scope="module")
 def lookup():
-    vllm_compat.install_pinned_lookup()
-    hash_fn = get_hash_fn_by_name("sha256")
-    init_none_hash(hash_fn)
-    hasher = vllm_compat.ComposedBlockHasher(get_request_block_hasher(PAGE, hash_fn), PAGE, hash_fn)
-    spec = FullAttentionSpec(block_size=PAGE, num_kv_heads=2, head_size=64, dtype=torch.float32)
-    config = KVCacheConfig(num_blocks=2000, kv_cache_tensors=[], kv_cache_groups=[KVCacheGroupSpec(["l0"], spec)])
-    manager = KVCacheManager(config, max_model_len=20000, scheduler_block_size=PAGE, hash_block_size=PAGE)
-    return manager, hasher
+    return lookup_manager(PAGE)
 
 
 def pin_chunk(manager, hasher, chunk_id: str, pages: int, seed: int) -> list:
-    """What cascade_pin_chunk leaves: the chunk's own pages cached under its hashes, referenced."""
-    tokens = np.random.default_rng(seed).integers(1, 30000, pages * PAGE).tolist()
-    registration = Request(f"reg-{chunk_id}", tokens, SamplingParams(max_tokens=1), None, block_hasher=hasher)
-    blocks = manager.block_pool.get_new_blocks(pages)
-    manager.block_pool.cache_full_blocks(registration, blocks, 0, pages, PAGE, 0)
-    hasher.chunks[chunk_id] = list(registration.block_hashes)
-    hasher.blocks[chunk_id] = blocks
-    return blocks
-
-
-def composed(hasher, request_id: str, refs: list[tuple[str, int]], tail: list[int]) -> Request:
-    lead = [0] * (sum(n for _, n in refs) * PAGE)  # chunk slots: their hashes come from the pins
-    params = SamplingParams(max_tokens=1, extra_args={"cascade_chunks": [f"{c}:{n}" for c, n in refs]})
-    return Request(request_id, lead + tail, params, None, block_hasher=hasher)
+    return pin(manager, hasher, chunk_id, np.random.default_rng(seed).integers(1, 30000, pages * PAGE).tolist())
 
 
 def both(manager, request):
@@ -61,7 +37,7 @@ def test_pinned_lookup_finds_what_vllm_finds(lookup):
     rng = np.random.default_rng(0)
     for i, refs in enumerate([[("a", 3), ("b", 1)], [("b", 1), ("c", 2), ("a", 3)], [("c", 2)]]):
         tail = rng.integers(1, 30000, int(rng.integers(1, 3 * PAGE))).tolist()
-        request = composed(hasher, f"r{i}", refs, tail)
+        request = composed_request(hasher, f"r{i}", refs, tail)
         ours, theirs = both(manager, request)
         assert ours == theirs
         assert ours[1] == sum(n for _, n in refs) * PAGE  # the chunks, not the uncached tail
@@ -71,7 +47,7 @@ def test_pinned_lookup_finds_what_vllm_finds(lookup):
             blocks = manager.block_pool.get_new_blocks(full)
             start = sum(n for _, n in refs)
             manager.block_pool.cache_full_blocks(request, [*(None,) * start, *blocks], start, start + full, PAGE, 0)
-            again = composed(hasher, f"r{i}-again", refs, tail + [7])
+            again = composed_request(hasher, f"r{i}-again", refs, tail + [7])
             ours, theirs = both(manager, again)
             assert ours == theirs and ours[1] == (start + full) * PAGE
     assert hasher.lookups["pinned"] - before["pinned"] >= 3 and hasher.lookups["vllm"] == before["vllm"]
@@ -84,12 +60,12 @@ def test_unpinned_chunks_and_plain_requests_keep_vllms_lookup(lookup):
     plain = Request("plain", list(range(1, 50)), SamplingParams(max_tokens=1), None, block_hasher=hasher)
     ours, theirs = both(manager, plain)
     assert ours == theirs and hasher.lookups == before  # not a composition: not counted
-    request = composed(hasher, "unpinned", [("d", 2)], [5] * 20)
+    request = composed_request(hasher, "unpinned", [("d", 2)], [5] * 20)
     hasher.forget_blocks({b.block_id for b in hasher.blocks["d"]})  # as cascade_unpin_pages does
     ours, theirs = both(manager, request)
     assert ours == theirs and ours[1] == 2 * PAGE  # still cached (not evicted yet): vLLM finds them
     assert hasher.lookups["vllm"] == before["vllm"] + 1 and hasher.lookups["pinned"] == before["pinned"]
     # A composition with no tail page after its chunks: the last token is computed again, as vLLM does.
     pin_chunk(manager, hasher, "e", 1, 10)
-    ours, theirs = both(manager, composed(hasher, "no-tail", [("e", 1)], []))
+    ours, theirs = both(manager, composed_request(hasher, "no-tail", [("e", 1)], []))
     assert ours == theirs and ours[1] == 0
