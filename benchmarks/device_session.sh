@@ -16,7 +16,7 @@
 # fused on the Qwen3-8B config), model-check (fused vs stock Qwen3 logprobs, bf16 against fp32, on the
 # 0.6B and 8B configs; model-check-unit: 0.6B with unit norm weights, so folding them is exact),
 # chunks-bench (chunks-profile: orders only, in-process engines, the first steps profiled; chunks-fi: stock,
-# CASCADE and CASCADE with chunk_prefill_kernel=flashinfer; fi-tests: the FlashInfer path's tests), nosharing
+# CASCADE and CASCADE with chunk_prefill_kernel=triton; fi-tests: the FlashInfer path's tests), nosharing
 # (throughput of nosharing and shared, FLASHINFER and CASCADE). With no STEP: throughput
 # gpu-check gpu-tests kernel-bench. A step that fails does not stop the next;
 # each step's log says how it ended.
@@ -42,7 +42,7 @@ run_step() {
     model-check) python3 benchmarks/model_check.py --model $M,.models/qwen3-8b --log-dir "$RUN" ;;
     model-check-8b) python3 benchmarks/model_check.py --model .models/qwen3-8b --log-dir "$RUN" ;;
     chunks-bench) python3 benchmarks/chunks_bench.py --model $M --log-dir "$RUN" ;;
-    chunks-fi) python3 benchmarks/chunks_bench.py --model $M --backends FLASHINFER,CASCADE,CASCADE:chunk_prefill_kernel=flashinfer \
+    chunks-fi) python3 benchmarks/chunks_bench.py --model $M --backends FLASHINFER,CASCADE,CASCADE:chunk_prefill_kernel=triton \
                    --log-dir "$RUN" ;;
     chunks-profile) python3 benchmarks/chunks_bench.py --model $M --variants orders --backends ${CHUNKS_BACKENDS:-FLASHINFER,CASCADE} --profile-steps 3 --log-dir "$RUN" ;;
     nosharing) python3 benchmarks/throughput.py --model $M --workloads nosharing,shared --backends FLASHINFER,CASCADE \
@@ -81,7 +81,7 @@ poll)
     if [ -n "${OUT:-}" ]; then
         for f in "$RUN"/progress "$RUN"/*.log "$RUN"/profile-*.txt "$RUN"/model-check-*.json; do
             case "$(basename "$f")" in
-            model-bench*.log|model-check.log|model-check-unit.log|chunks-bench.log|chunks-profile.log) ;;  # step logs named like engine logs
+            model-bench*.log|model-check.log|model-check-unit.log|chunks-bench.log|chunks-profile.log|chunks-fi.log) ;;  # step logs named like engine logs
             tput-*|check-*|profile-*.log|model-*.log|chunks-*) continue ;;
             esac
             [ -f "$f" ] && cp "$f" "$OUT/"

@@ -148,11 +148,11 @@ def main() -> None:
     variants["triton, fixed buffers, CUDA graph replay (16 pages/item)"] = replayed()
     # The backend's decode kernel: 32 pages per item on cascade steps, 64 on flat ones.
     backend_pages = 64 if plan.is_flat else 32
-    variants["triton, backend decode settings, graph replay"] = replayed(backend_pages)
+    # fill_programs (on in the backend): shorter KV runs when the step has few pages per program.
+    variants["triton, backend decode settings, graph replay"] = replayed(backend_pages, fill=True)
     for per_sm in (2, 8):  # persistent programs per SM (the backend: 4)
-        variants[f"triton, backend settings, {per_sm} programs/SM"] = replayed(backend_pages, None, per_sm)
-    # Shorter KV runs when the step has few pages per program (small batches: `--batch 1 --prefix 0 --own 640`).
-    variants["triton, backend settings + fill_programs, graph replay"] = replayed(backend_pages, fill=True)
+        variants[f"triton, backend settings, {per_sm} programs/SM"] = replayed(backend_pages, None, per_sm, True)
+    variants["triton, backend settings without fill_programs"] = replayed(backend_pages)
     if args.sweep:
         # (keys per inner step, warps, pipeline stages) of one launch; the other keeps its default.
         settings = [Launch(*s) for s in itertools.product((32, 64), (4, 8), (None, 2, 4))]

@@ -25,10 +25,11 @@ class CascadeConfig:
     # "triton": decode steps run the fused Triton kernels (FULL CUDA graphs), steps with prefill run
     # FlashInfer's prefill kernels; "flashinfer": every step runs FlashInfer (a wrapper per level).
     gpu_kernel: str = "triton"
-    # GPU steps with prefill that read chunk pages: "triton" (the fused kernel, which shifts keys and
-    # masks pads per page) or "flashinfer" (segments cut at chunk boundaries, each row's query rotated
-    # once per segment, FlashInfer's prefill kernel; not yet run on a GPU, so not the default).
-    chunk_prefill_kernel: str = "triton"
+    # GPU steps with prefill that read chunk pages: "flashinfer" (segments cut at chunk boundaries, each
+    # row's query rotated once per segment, FlashInfer's prefill kernel; 3.9x faster than "triton" per
+    # layer on the H100, benchmarks/RESULTS.md) or "triton" (the fused kernel, which shifts keys and
+    # masks pads per page; also where FlashInfer's split does not fit a step).
+    chunk_prefill_kernel: str = "flashinfer"
     chunk_persistence_dir: str = ""  # chunks' KV saved here, reloaded by the next engine without prefill ("": off)
 
     @classmethod

@@ -144,9 +144,10 @@ class CascadeMetadataBuilder(AttentionMetadataBuilder[CascadeMetadata]):
                 runs = 2 * tokens * self.config.max_cascade_levels + 512
                 # Items of 32 pages (cascade) and 64 (flat): fastest under graph replay at the shared and
                 # nosharing decode shapes on the H100 (kernel_bench --sweep, benchmarks/RESULTS.md).
+                # fill_programs: batch-1 decode of 640 keys 38 -> 17 us per layer (kernel_bench, single).
                 self.decode_kernel = TritonCascade(impl.num_heads, impl.num_kv_heads, self.page_size, impl.scale,
                                                    device=device, head_dim=impl.head_size, pages_per_item=32,
-                                                   flat_pages_per_item=64,
+                                                   flat_pages_per_item=64, fill_programs=True,
                                                    capacity={"tokens": tokens, "rows": runs, "items": runs})
                 self._set_chunk_tables(self.decode_kernel, max(tokens, max_rows), max_pages)
 
