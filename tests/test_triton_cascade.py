@@ -209,6 +209,12 @@ def test_fill_programs_cuts_shorter_runs(triton_cascade):
         kernel.run(q.to(device), k.to(device), v.to(device), out)
         tol = 2e-3 if ON_GPU else 1e-4
         torch.testing.assert_close(out.cpu(), ref, atol=tol, rtol=tol)
+    # A step with at least as many items as programs keeps its long runs (fewer partials to merge).
+    rows = kernel.programs
+    many = np.tile(np.arange(1, 9), (rows, 1))
+    kernel.plan(flat_plan(np.full(rows, 32), page), torch.from_numpy(many).to(device, torch.int32),
+                np.full(rows, 32), np.arange(rows + 1))
+    assert kernel.last_pages_per_item == 64
 
 
 @pytest.mark.skipif(not (ON_GPU or INTERPRETED), reason="needs a GPU or TRITON_INTERPRET=1 from process start")

