@@ -237,17 +237,15 @@ class ComposedBlockHasher:
             request._cascade_lead = lead
         from vllm.v1.core.kv_cache_utils import BlockHash, hash_block_tokens
 
-        bs, hashes = self.block_size, []
-        parent = request.block_hashes[-1] if request.block_hashes else None
-        for i in range(len(request.block_hashes), request.num_tokens // bs):
-            if i < len(lead):
-                block_hash = lead[i]
-            else:
-                if i == len(lead):
-                    parent = BlockHash(self.hash_fn(("cascade-composition", tuple(lead))))
-                block_hash = hash_block_tokens(self.hash_fn, parent, request.all_token_ids[i * bs : (i + 1) * bs])
-            hashes.append(block_hash)
-            parent = block_hash
+        bs = self.block_size
+        start, end = len(request.block_hashes), request.num_tokens // bs
+        hashes = lead[start:end]  # the chunk pages: their hashes as pinned, one slice (no per-page work)
+        parent = hashes[-1] if hashes else (request.block_hashes[-1] if request.block_hashes else None)
+        for i in range(max(start, len(lead)), end):
+            if i == len(lead):
+                parent = BlockHash(self.hash_fn(("cascade-composition", tuple(lead))))
+            parent = hash_block_tokens(self.hash_fn, parent, request.all_token_ids[i * bs : (i + 1) * bs])
+            hashes.append(parent)
         return hashes
 
 
