@@ -8,7 +8,7 @@
 #
 # Steps run in the order given (a machine is held 30 minutes at most, so put
 # first what matters most): host-bench, step-profile, throughput, gpu-check,
-# gpu-tests (triton-tests: the kernel tests alone), kernel-bench (the nosharing and shared decode shapes;
+# gpu-tests (the end-to-end chunk tests first; triton-tests: the kernel tests alone), kernel-bench (the nosharing and shared decode shapes;
 # kernel-single: the single workload's batch-1 decode shape, with and without fill_programs;
 # kernel-sweep: launch settings at the
 # nosharing and shared shapes), prefill-bench (one layer of the composed-chunks prefill step: the chunk
@@ -30,7 +30,7 @@ run_step() {
                       --backends FLASH_ATTN,CASCADE --log-dir "$RUN" ;;
     throughput) python3 benchmarks/throughput.py --model $M --backends FLASHINFER,CASCADE,FLASH_ATTN --log-dir "$RUN" ;;
     gpu-check) python3 benchmarks/gpu_check.py --model $M --backends FLASH_ATTN,CASCADE --log-dir "$RUN" ;;
-    gpu-tests) python3 -m pytest -q tests/test_triton_cascade.py tests/test_gpu_attention.py tests/test_uniform_segments.py tests/test_fused_qwen3.py tests/test_chunk_pages.py ;;
+    gpu-tests) python3 -m pytest -q tests/test_chunk_pages.py tests/test_gpu_attention.py tests/test_uniform_segments.py tests/test_triton_cascade.py tests/test_fused_qwen3.py ;;
     triton-tests) python3 -m pytest -q tests/test_triton_cascade.py tests/test_uniform_segments.py tests/test_chunk_pages.py ;;
     fi-tests) python3 -m pytest -q tests/test_gpu_attention.py tests/test_uniform_segments.py ;;
     kernel-bench) python3 benchmarks/kernel_bench.py --prefix 0 --own 4352; python3 benchmarks/kernel_bench.py ;;
