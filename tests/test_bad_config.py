@@ -102,3 +102,13 @@ def test_kernel_choices_are_checked(name):
         assert getattr(CascadeConfig.from_vllm(SimpleNamespace(additional_config={"cascade": {name: good}})), name) == good
     with pytest.raises(ValueError, match=f"{name} must be 'flashinfer' or 'triton', not 'cuda'"):
         CascadeConfig.from_vllm(SimpleNamespace(additional_config={"cascade": {name: "cuda"}}))
+
+
+@pytest.mark.parametrize(("name", "value", "message"), [
+    ("chunk_page_ratio", 0.0, r"chunk_page_ratio must be in \(0, 1\], not 0.0"),
+    ("chunk_page_ratio", 1.5, r"chunk_page_ratio must be in \(0, 1\], not 1.5"),
+    ("max_chunks", 0, "max_chunks must be >= 1, not 0"),
+])
+def test_chunk_registry_limits_are_checked(name, value, message):
+    with pytest.raises(ValueError, match=message):
+        CascadeConfig.from_vllm(SimpleNamespace(additional_config={"cascade": {name: value}}))

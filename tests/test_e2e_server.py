@@ -615,3 +615,55 @@ def server_model(url: str) -> str:
         assert r.status_code == 200, r.text
         _MODEL_IDS[url] = r.json()["data"][0]["id"]
     return _MODEL_IDS[url]
+
+
+def test_registry_limits_come_from_the_settings():
+    """`vllm serve` users set the chunk registry's limits as settings: `chunk_page_ratio` of the KV
+    pages, `max_chunks`, and `chunk_evict_lru` (false: a full registry refuses with 413 and keeps
+    what it has; true: the least recently used chunk makes room). A fake engine client stands in
+    for vLLM, as above: the settings reach the registry the server builds."""
+    from types import SimpleNamespace
+
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from vllm_cascade.entrypoints.http import ChunkService, router
+
+    class Engine:
+        def __init__(self, settings):
+            model = SimpleNamespace(model="fake", dtype="float32", max_model_len=1024)
+            self.vllm_config = SimpleNamespace(model_config=model, cache_config=SimpleNamespace(block_size=16),
+                                               additional_config={"cascade": settings})
+            self.engine_core, self.next_page, self.unpinned = self, 0, []
+
+        async def generate(self, prompt, params, request_id):
+            yield SimpleNamespace(num_cached_tokens=0)
+
+        async def call_utility_async(self, method, *args):
+            if method == "cascade_pin_chunk":
+                self.next_page += len(args[3])
+                return list(range(self.next_page - len(args[3]), self.next_page))
+            assert method == "cascade_unpin_pages", method
+            self.unpinned += args[0]
+
+    def client(settings):
+        app = FastAPI()
+        app.include_router(router)
+        app.state.cascade_chunks = ChunkService(Engine(settings), total_pages=100)
+        return app.state.cascade_chunks, TestClient(app)
+
+    service, http = client({"chunk_page_ratio": 0.25, "max_chunks": 1, "chunk_evict_lru": False})
+    assert (service.registry.page_budget, service.registry.max_chunks, service.registry.evict_lru) == (25, 1, False)
+    first = http.post("/v1/chunks", json={"token_ids": list(range(1, 17))})
+    assert first.status_code == 200, first.text
+    refused = http.post("/v1/chunks", json={"token_ids": list(range(100, 116))})
+    assert refused.status_code == 413 and "registry full" in refused.json()["error"]["message"], refused.text
+    assert [c["id"] for c in http.get("/v1/chunks").json()["data"]] == [first.json()["id"]]
+
+    service, http = client({"max_chunks": 1})  # evicts by default
+    assert service.registry.page_budget == 50  # chunk_page_ratio 0.5
+    first = http.post("/v1/chunks", json={"token_ids": list(range(1, 17))}).json()["id"]
+    second = http.post("/v1/chunks", json={"token_ids": list(range(100, 116))})
+    assert second.status_code == 200, second.text
+    assert [c["id"] for c in http.get("/v1/chunks").json()["data"]] == [second.json()["id"]]
+    assert http.get(f"/v1/chunks/{first}").status_code == 404

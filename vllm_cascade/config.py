@@ -31,6 +31,11 @@ class CascadeConfig:
     # masks pads per page; also where FlashInfer's split does not fit a step).
     chunk_prefill_kernel: str = "flashinfer"
     chunk_persistence_dir: str = ""  # chunks' KV saved here, reloaded by the next engine without prefill ("": off)
+    # The chunk registry: chunks may pin this share of the KV pages, at most max_chunks of them; when
+    # either is full a registration evicts least recently used chunks no request holds (else: 413).
+    chunk_page_ratio: float = 0.5
+    max_chunks: int = 1000
+    chunk_evict_lru: bool = True
 
     @classmethod
     def from_vllm(cls, vllm_config: Any) -> "CascadeConfig":
@@ -51,6 +56,10 @@ class CascadeConfig:
             raise ValueError(f"gpu_kernel must be 'flashinfer' or 'triton', not {config.gpu_kernel!r}")
         if config.chunk_prefill_kernel not in ("flashinfer", "triton"):
             raise ValueError(f"chunk_prefill_kernel must be 'flashinfer' or 'triton', not {config.chunk_prefill_kernel!r}")
+        if not 0.0 < config.chunk_page_ratio <= 1.0:
+            raise ValueError(f"chunk_page_ratio must be in (0, 1], not {config.chunk_page_ratio}")
+        if config.max_chunks < 1:
+            raise ValueError(f"max_chunks must be >= 1, not {config.max_chunks}")
         return config
 
     @classmethod

@@ -18,7 +18,8 @@ What happens today:
   whole pages of its own (the last one padded), then pins them in the engine
   core's KV manager (one more reference each: never evicted, never reused for
   other data) until the chunk is deleted or evicted (LRU, chunks no running
-  request holds, within `page_budget` pages, by default half of the KV cache).
+  request holds, within `page_budget` pages, by default half of the KV cache:
+  settings `chunk_page_ratio`, `max_chunks`, `chunk_evict_lru`).
   A chain's chunk pins only its own pages; a parent with children is neither
   evicted nor deleted (ChunkInUse, 409) unless deleted with `cascade=True`.
 - A composition names chunks in any order: its prompt is `[A|pad][B|pad][tail]`
@@ -57,9 +58,6 @@ from vllm_cascade.chunks.registry import Chunk, ChunkError, ChunkRegistry
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_PAGE_RATIO = 0.5  # share of the KV cache chunks may pin
-
-
 class ChunkConflict(ChunkError):
     """The chunk changed state under the request (e.g. deleted or evicted while being registered)."""
 
@@ -84,13 +82,19 @@ class ChunkSpec:
 
 
 def make_registry(vllm_config: Any, total_pages: int, on_free: Callable[[list[int]], None],
-                  page_budget: int | None = None, max_chunks: int = 1000, evict_lru: bool = True,
+                  page_budget: int | None = None, max_chunks: int | None = None, evict_lru: bool | None = None,
                   on_remove: Callable[[Chunk], None] = lambda chunk: None) -> ChunkRegistry:
-    """The registry of one vLLM engine: chunk ids fingerprinted by model, dtype and page size;
-    by default chunks may pin DEFAULT_PAGE_RATIO of the engine's `total_pages`."""
+    """The registry of one vLLM engine: chunk ids fingerprinted by model, dtype and page size. Limits
+    left None come from the settings: `chunk_page_ratio` of the engine's `total_pages`, `max_chunks`,
+    `chunk_evict_lru`."""
+    from vllm_cascade.config import CascadeConfig
+
+    settings = CascadeConfig.from_vllm(vllm_config)
     model, block_size = vllm_config.model_config, vllm_config.cache_config.block_size
-    budget = page_budget if page_budget is not None else int(total_pages * DEFAULT_PAGE_RATIO)
-    return ChunkRegistry(f"{model.model}|{model.dtype}|{block_size}", block_size, budget, max_chunks, evict_lru,
+    budget = page_budget if page_budget is not None else int(total_pages * settings.chunk_page_ratio)
+    return ChunkRegistry(f"{model.model}|{model.dtype}|{block_size}", block_size, budget,
+                         settings.max_chunks if max_chunks is None else max_chunks,
+                         settings.chunk_evict_lru if evict_lru is None else evict_lru,
                          on_free=on_free, on_remove=on_remove)
 
 
@@ -190,10 +194,12 @@ def chunk_json(chunk: Chunk) -> dict:
 
 
 class ChunkStore:
-    def __init__(self, llm: Any, page_budget: int | None = None, max_chunks: int = 1000,
-                 evict_lru: bool = True, persistence_dir: str | os.PathLike | None = None) -> None:
-        """`persistence_dir` (default: the `chunk_persistence_dir` setting; "" for none): chunks'
-        KV is saved there and reloaded from there now, without prefill (chunks/persist.py)."""
+    def __init__(self, llm: Any, page_budget: int | None = None, max_chunks: int | None = None,
+                 evict_lru: bool | None = None, persistence_dir: str | os.PathLike | None = None) -> None:
+        """`page_budget` (pages), `max_chunks`, `evict_lru`: the registry's limits (default: the
+        settings `chunk_page_ratio`, `max_chunks`, `chunk_evict_lru`). `persistence_dir` (default: the
+        `chunk_persistence_dir` setting; "" for none): chunks' KV is saved there and reloaded from
+        there now, without prefill (chunks/persist.py)."""
         config = llm.llm_engine.vllm_config
         if not config.cache_config.enable_prefix_caching:
             raise ChunkError("chunks need prefix caching: create the LLM with enable_prefix_caching=True")
