@@ -147,24 +147,28 @@ def bench_orders_lookup(reps: int = 20) -> None:
     def intake() -> list:  # the engine core's Request of each, block hashes included
         return [composed_request(hasher, f"r{r}", [(str(c), 128) for c in orders[r % 24]], tails[r]) for r in range(32)]
 
+    def mean_us(work) -> float:
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            work()
+        return (time.perf_counter() - t0) / reps * 1e6
+
     requests = intake()
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        intake()
-    ms = (time.perf_counter() - t0) / reps * 1e3
-    print(f"{'orders intake b32':<24} {'afresh':<7} {ms * 1e3:7.0f} us/step  (the 32 requests' Request objects "
-          f"with their block hashes, {ms * 1e3 / 32:.0f} us each)")
+    us = mean_us(intake)
+    print(f"{'orders intake b32':<24} {'afresh':<7} {us:7.0f} us/step  (the 32 requests' Request objects "
+          f"with their block hashes, {us / 32:.0f} us each)")
     vllm_lookup = manager.get_computed_blocks.__wrapped__
     for name, lookup in (("vllm", lambda req: vllm_lookup(manager, req)), ("pinned", manager.get_computed_blocks)):
         for req in requests:
             assert lookup(req)[1] == 8192
-        t0 = time.perf_counter()
-        for _ in range(reps):
+
+        def lookup_all(lookup=lookup) -> None:
             for req in requests:
                 lookup(req)
-        ms = (time.perf_counter() - t0) / reps * 1e3
-        print(f"{'orders lookup b32 ' + name:<24} {'afresh':<7} {ms * 1e3:7.0f} us/step  (scheduler's prefix-cache "
-              f"lookup of the 32 requests, {ms * 1e3 / 32:.0f} us each)")
+
+        us = mean_us(lookup_all)
+        print(f"{'orders lookup b32 ' + name:<24} {'afresh':<7} {us:7.0f} us/step  (scheduler's prefix-cache "
+              f"lookup of the 32 requests, {us / 32:.0f} us each)")
 
 
 if __name__ == "__main__":

@@ -180,7 +180,6 @@ def test_chunks_on_another_backend_are_refused_and_pin_nothing(reference_engine,
     the workers' reason), before anything is prefilled. Past that check (taken away here), the
     workers still refuse a chunk's pages with the same message; the pages its prefill took are not
     kept pinned and the registry holds nothing."""
-    from vllm_cascade import vllm_compat
     from vllm_cascade.chunks.store import ChunksUnavailable
 
     with pytest.raises(ChunksUnavailable, match="chunks need the CASCADE attention backend") as err:

@@ -54,15 +54,14 @@ def test_flashinfer_chunk_steps_match_torch(group, page):
     """Steps of composed requests (chunks in any order, pads, a row's own chunk), split for
     FlashInfer (plan.split_uniform): the reference path's result, prefill and decode steps."""
     from sharing import random_compositions
+    from test_triton_cascade import cos_sin as rope_table
 
     from vllm_cascade.attention.plan import split_uniform
     from vllm_cascade.kv.chunk_pages import ChunkView
     from vllm_cascade.ops.flashinfer_attention import FlashInferCascade
 
     hkv, head_dim = 2, 128
-    inv_freq = 1.0 / (1e6 ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-    freqs = torch.outer(torch.arange(4096, dtype=torch.float32), inv_freq)
-    cos_sin = torch.cat((freqs.cos(), freqs.sin()), dim=-1)
+    cos_sin = rope_table(head_dim, 4096, base=1e6)
     scale = head_dim**-0.5
     fi = FlashInferCascade(torch.device("cuda"), hkv * group, hkv, head_dim, page, torch.bfloat16, scale,
                            cos_sin.cuda())

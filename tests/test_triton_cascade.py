@@ -39,9 +39,9 @@ def batch(seed, g, d, page=8, max_levels=3, hkv=None):
     return rng, table, seq_lens, qsl, q, k, v, plan, ref
 
 
-def cos_sin(rot, max_pos=64):
+def cos_sin(rot, max_pos=64, base=1e4):
     """vLLM's cos_sin_cache [max_pos, rot]: cos of the angles, then sin."""
-    inv_freq = 1.0 / (1e4 ** (torch.arange(0, rot, 2, dtype=torch.float32) / rot))
+    inv_freq = 1.0 / (base ** (torch.arange(0, rot, 2, dtype=torch.float32) / rot))
     freqs = torch.outer(torch.arange(max_pos, dtype=torch.float32), inv_freq)
     return torch.cat((freqs.cos(), freqs.sin()), dim=-1)
 
