@@ -95,6 +95,28 @@ def test_split_plan_attends_like_the_reference(seed):
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("seed", range(30))
+def test_prefix_plan_runs_attend_like_the_reference(seed):
+    """Prefix-sharing plans (no chunk pages, up to 3 levels) take the same path: every level's
+    segments in one launch over plainly gathered queries, each token's partials merged."""
+    from test_triton_cascade import batch
+
+    _, table, seq_lens, qsl, q, k, v, plan, ref = batch(seed, g=2, d=16)
+    if plan.is_flat:
+        pytest.skip("this draw plans no sharing")
+    runs = SharedRuns.of(plan, qsl, PAGE)
+    assert not runs.rotation.any()
+    runs, o_part, l_part = partials(plan, table, seq_lens, qsl, q, k, v, q[torch.from_numpy(runs.tokens)])
+    out = torch.empty_like(q)
+    for t in range(q.shape[0]):
+        rows = runs.contrib_row[runs.contrib_off[t] : runs.contrib_off[t + 1]]
+        acc = (o_part[rows[0]], l_part[rows[0]] * math.log(2))
+        for row in rows[1:]:
+            acc = merge(*acc, o_part[row], l_part[row] * math.log(2))
+        out[t] = acc[0]
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+
+
 def test_split_cuts_chunks_and_moves_own_chunks():
     """Across the draws: segments cut at pads (num_keys short of the pages) and chunks of one row
     moved out of its own level; shared segments keep many rows."""
