@@ -69,6 +69,21 @@ def partials(split, table, seq_lens, qsl, q, k, v, q_shared):
     return runs, torch.cat(outs), torch.cat(lses) / math.log(2)
 
 
+def merged(runs, o_part, l_part):
+    """Each token's partial rows merged in the order the merge kernel reads them (its own level's
+    first, which is asserted) -> [T, Hq, D]."""
+    num_tokens = len(runs.contrib_off) - 1
+    out = torch.empty((num_tokens, *o_part.shape[1:]), dtype=o_part.dtype)
+    for t in range(num_tokens):
+        rows = runs.contrib_row[runs.contrib_off[t] : runs.contrib_off[t + 1]]
+        assert rows[0] == t  # the own level's first
+        acc = (o_part[rows[0]], l_part[rows[0]] * math.log(2))
+        for row in rows[1:]:
+            acc = merge(*acc, o_part[row], l_part[row] * math.log(2))
+        out[t] = acc[0]
+    return out
+
+
 @pytest.mark.parametrize("seed", range(40))
 def test_split_plan_attends_like_the_reference(seed):
     """Segments of one shift with pads only at their end, queries rotated once per segment, every
@@ -84,15 +99,22 @@ def test_split_plan_attends_like_the_reference(seed):
     q_shared = rotate_query(q[torch.from_numpy(runs.tokens)], torch.from_numpy(runs.rotation), view.cos_sin_cache,
                             q.shape[-1]) if len(runs.tokens) else q[:0]
     runs, o_part, l_part = partials(split, table, seq_lens, qsl, q, k, v, q_shared)
-    out = torch.empty_like(q)
-    for t in range(q.shape[0]):
-        rows = runs.contrib_row[runs.contrib_off[t] : runs.contrib_off[t + 1]]
-        assert rows[0] == t  # the own level's first
-        acc = (o_part[rows[0]], l_part[rows[0]] * math.log(2))
-        for row in rows[1:]:
-            acc = merge(*acc, o_part[row], l_part[row] * math.log(2))
-        out[t] = acc[0]
-    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(merged(runs, o_part, l_part), ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_prefix_plan_runs_attend_like_the_reference(seed):
+    """Prefix-sharing plans (no chunk pages, up to 3 levels) take the same path: every level's
+    segments in one launch over plainly gathered queries, each token's partials merged."""
+    from test_triton_cascade import batch
+
+    _, table, seq_lens, qsl, q, k, v, plan, ref = batch(seed, g=2, d=16)
+    if plan.is_flat:
+        pytest.skip("this draw plans no sharing")
+    runs = SharedRuns.of(plan, qsl, PAGE)
+    assert not runs.rotation.any()
+    runs, o_part, l_part = partials(plan, table, seq_lens, qsl, q, k, v, q[torch.from_numpy(runs.tokens)])
+    torch.testing.assert_close(merged(runs, o_part, l_part), ref, atol=1e-4, rtol=1e-4)
 
 
 def test_split_cuts_chunks_and_moves_own_chunks():

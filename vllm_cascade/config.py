@@ -23,7 +23,7 @@ class CascadeConfig:
     min_saved_pages: int = 64  # a shared segment must save this many page reads
     min_saved_fraction: float = 0.1  # else the whole step runs flat
     # "triton": decode steps run the fused Triton kernels (FULL CUDA graphs), steps with prefill run
-    # FlashInfer's prefill kernels; "flashinfer": every step runs FlashInfer (a wrapper per level).
+    # FlashInfer's prefill kernels; "flashinfer": every step runs FlashInfer (own level + shared segments).
     gpu_kernel: str = "triton"
     # GPU steps with prefill that read chunk pages: "flashinfer" (segments cut at chunk boundaries, each
     # row's query rotated once per segment, FlashInfer's prefill kernel; 3.9x faster than "triton" per

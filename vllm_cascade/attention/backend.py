@@ -127,8 +127,7 @@ class CascadeMetadataBuilder(AttentionMetadataBuilder[CascadeMetadata]):
             from vllm_cascade.ops.triton_cascade import TritonCascade
 
             self.kernel = FlashInferCascade(device, impl.num_heads, impl.num_kv_heads, impl.head_size, self.page_size,
-                                            vllm_config.model_config.dtype, impl.scale, self.chunk_pages.cos_sin_cache,
-                                            self.config.max_cascade_levels)
+                                            vllm_config.model_config.dtype, impl.scale, self.chunk_pages.cos_sin_cache)
             max_pages = -(-vllm_config.model_config.max_model_len // self.page_size)
             max_rows = vllm_config.scheduler_config.max_num_seqs
             # Chunk steps FlashInfer cannot take (split_uniform finds no exact split), or all of them

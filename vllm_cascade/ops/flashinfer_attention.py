@@ -2,18 +2,13 @@
 
 `BatchPrefillWithPagedKVCacheWrapper`s sharing one float workspace. The own
 level covers every request (causal, bottom-right aligned, from
-`plan.own_first_page` on). Shared segments attend their pages once for the
-queries of all their requests (non-causal); each token's partial results are
-merged exactly by log2-sum-exp, as FlashInfer writes it. Two ways, for now:
-
-- steps with chunk pages (kv/chunk_pages.py), split by `plan.split_uniform`:
-  a segment holds keys at one shift per row and pads only at its end, so each
-  row's query is gathered rotated once by minus its shift (`SharedRuns`), one
-  launch attends every segment's first `num_keys` slots as a plain sequence,
-  and one pass (triton_cascade's merge) merges every token's partials;
-- prefix-sharing steps: a wrapper per shared level, merged into the own
-  level's rows with `merge_state`, level by level (the path measured on the
-  GPU so far; the first is to replace it once it is measured there too).
+`plan.own_first_page` on). Shared segments, of every level, attend their pages
+once for the queries of all their requests (non-causal) in one launch: each
+segment's query tokens are gathered (`SharedRuns`), and in steps with chunk
+pages (kv/chunk_pages.py, segments from `plan.split_uniform`: one shift per
+row, pads only at the end) rotated by minus their shift on the way. One pass
+(triton_cascade's merge) then merges every token's partial results exactly by
+log2-sum-exp, as FlashInfer writes it.
 
 A flat step that mixes decode rows (one query token, first in vLLM's batch
 order) with prefill rows sends the decode rows to a
@@ -50,7 +45,7 @@ class SharedRuns:
     """Host arrays of one step's shared segments, laid out for one FlashInfer launch and the merge.
 
     Gathered row r is query token `tokens[r]` of a segment's row, rotated by `rotation[r]`
-    positions; segment s has gathered rows [qo_indptr[s], qo_indptr[s+1]) and pages
+    positions (0 in steps without chunk pages); segment s has gathered rows [qo_indptr[s], qo_indptr[s+1]) and pages
     pages[kv_indptr[s]:kv_indptr[s+1]], of which the first kv_lens[s] slots are keys. Partial
     rows: [0, T) the own level's (row t = token t), T + r the gathered row r's; token t merges
     contrib_row[contrib_off[t]:contrib_off[t + 1]], its own level's first.
@@ -77,9 +72,7 @@ class SharedRuns:
 
     @classmethod
     def of(cls, plan: CascadePlan, query_start_loc: np.ndarray, page_size: int) -> SharedRuns:
-        """The runs of a chunk step's plan (its shifts set, segments from `plan.split_uniform`)."""
-        if plan.shifts is None:
-            raise ValueError("SharedRuns are for steps with chunk pages: the plan has no shifts")
+        """The runs of a cascade plan's shared segments (a chunk step's from `plan.split_uniform`)."""
         segments = [s for level in plan.shared for s in level]
         qsl = np.asarray(query_start_loc, dtype=np.int64)
         num_tokens = int(qsl[-1])
@@ -87,7 +80,8 @@ class SharedRuns:
         for s in segments:
             lens = qsl[s.rows + 1] - qsl[s.rows]
             tokens.append(np.repeat(qsl[s.rows], lens) + _index_within(lens))
-            shift = int(plan.shifts[s.rows[0], s.first_page]) + (0 if s.q_shift is None else s.q_shift.astype(np.int64))
+            shift = 0 if plan.shifts is None else int(plan.shifts[s.rows[0], s.first_page])
+            shift = shift + (0 if s.q_shift is None else s.q_shift.astype(np.int64))
             rotation.append(np.repeat(-np.broadcast_to(shift, len(s.rows)), lens))
             seg_q.append(int(lens.sum()))
         empty = np.zeros(0, np.int64)
@@ -124,7 +118,6 @@ class FlashInferCascade:
         dtype: torch.dtype,
         scale: float,
         cos_sin_cache: torch.Tensor | None = None,
-        max_levels: int = 3,
     ) -> None:
         from flashinfer import (
             BatchDecodeWithPagedKVCacheWrapper,
@@ -137,16 +130,12 @@ class FlashInferCascade:
         self.cos_sin_cache = cos_sin_cache  # the model's RoPE table: rotates queries for chunk segments
         self.workspace = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
         self.own_wrapper = BatchPrefillWithPagedKVCacheWrapper(self.workspace, "HND")
-        self.shared_wrapper = BatchPrefillWithPagedKVCacheWrapper(self.workspace, "HND")  # chunk steps' segments
-        # Prefix-sharing steps: a wrapper per shared level, merged level by level with merge_state (measured
-        # on the GPU; the one-launch path of chunk steps is to replace it once it is measured there too).
-        self.level_wrappers = [BatchPrefillWithPagedKVCacheWrapper(self.workspace, "HND")
-                               for _ in range(max(0, max_levels - 1))]
-        self.level_rows: list[torch.Tensor] = []  # per shared level: query-token indices
+        self.shared_wrapper = BatchPrefillWithPagedKVCacheWrapper(self.workspace, "HND")  # every shared segment
         self.decode_wrapper = BatchDecodeWithPagedKVCacheWrapper(self.workspace, "HND", use_tensor_cores=True)
         self.flat = True
         self.num_decode_tokens = 0  # leading decode rows of a flat mixed step, run by decode_wrapper
         self.runs: SharedRuns | None = None  # the planned step's shared segments
+        self.rotate = False  # the planned step has chunk pages: its gathered queries are rotated
         self._device_runs: dict[str, torch.Tensor] = {}
         self._partials: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # o, lse, gathered queries
         self._merge_programs = 4 * (torch.cuda.get_device_properties(device).multi_processor_count
@@ -160,7 +149,7 @@ class FlashInferCascade:
         query_start_loc: np.ndarray,
     ) -> None:
         """Host work of one step; shared segments take their pages from the plan, the own level from
-        the device. A plan with shifts must come from `plan.split_uniform`."""
+        the device. A plan with shifts (chunk pages) must come from `plan.split_uniform`."""
         num_rows = len(seq_lens)
         first = plan.own_first_page
         pages_end = (seq_lens + self.page_size - 1) // self.page_size
@@ -189,14 +178,12 @@ class FlashInferCascade:
                              own_pages[int(kv_indptr[d]) :], kv_lens[d:], causal=True)
         else:
             self._plan_level(self.own_wrapper, query_start_loc, kv_indptr, own_pages, kv_lens, causal=True)
-        self.runs, self.level_rows = None, []
+        self.runs = None
         if self.flat:
             return
-        if plan.shifts is None:
-            self._plan_prefix_levels(plan, query_start_loc)
-            return
         runs = SharedRuns.of(plan, query_start_loc, self.page_size)
-        if self.cos_sin_cache is None:
+        self.rotate = plan.shifts is not None
+        if self.rotate and self.cos_sin_cache is None:
             raise RuntimeError("a step with chunk pages needs the model's RoPE table (cos_sin_cache)")
         self._plan_level(self.shared_wrapper, runs.qo_indptr, runs.kv_indptr,
                          torch.from_numpy(runs.pages.astype(np.int32)).to(self.device, non_blocking=True),
@@ -217,19 +204,6 @@ class FlashInferCascade:
                           torch.empty(rows, self.num_qo_heads, dtype=torch.float32, device=self.device),
                           torch.empty(gathered, self.num_qo_heads, self.head_dim, dtype=self.dtype, device=self.device))
         self.runs = runs
-
-    def _plan_prefix_levels(self, plan: CascadePlan, query_start_loc: np.ndarray) -> None:
-        if len(plan.shared) > len(self.level_wrappers):
-            raise ValueError(f"{len(plan.shared)} shared levels, wrappers for {len(self.level_wrappers)}")
-        for wrapper, segments in zip(self.level_wrappers, plan.shared):
-            tokens = [np.arange(query_start_loc[r], query_start_loc[r + 1]) for s in segments for r in s.rows]
-            seg_q = [sum(int(query_start_loc[r + 1] - query_start_loc[r]) for r in s.rows) for s in segments]
-            qo_indptr = np.concatenate([[0], np.cumsum(seg_q)])
-            seg_kv = np.concatenate([[0], np.cumsum([len(s.pages) for s in segments])])
-            pages = torch.from_numpy(np.concatenate([s.pages for s in segments]).astype(np.int32))
-            self._plan_level(wrapper, qo_indptr, seg_kv, pages.to(self.device, non_blocking=True),
-                             np.diff(seg_kv) * self.page_size, causal=False)
-            self.level_rows.append(torch.from_numpy(np.concatenate(tokens)).to(self.device, non_blocking=True))
 
     def _plan_level(self, wrapper, qo_indptr, kv_indptr, kv_indices, kv_lens, causal: bool) -> None:
         kv_lens = np.asarray(kv_lens, dtype=np.int64)
@@ -267,25 +241,14 @@ class FlashInferCascade:
                 self.decode_wrapper.run(query[:n], kv, out=out[:n])
             self.own_wrapper.run(query[n:], kv, out=out[n:])
             return
-        if self.runs is None:
-            self._run_prefix_levels(query, kv, out)
-            return
         o_part, l_part, q_shared = self._partials
         t = query.shape[0]
         runs = self._device_runs
         self.own_wrapper.run(query, kv, out=o_part[:t], lse=l_part[:t], return_lse=True)
-        gather_rotate(query, runs["tokens"], runs["rotation"], self.cos_sin_cache, q_shared)
+        if self.rotate:
+            gather_rotate(query, runs["tokens"], runs["rotation"], self.cos_sin_cache, q_shared)
+        else:
+            torch.index_select(query, 0, runs["tokens"], out=q_shared)
         self.shared_wrapper.run(q_shared, kv, out=o_part[t:], lse=l_part[t:], return_lse=True)
         merge_partials(o_part, l_part, out, runs["contrib_off"], runs["contrib_row"], runs["num_tokens"],
                        min(self._merge_programs, t))
-
-    def _run_prefix_levels(self, query: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], out: torch.Tensor) -> None:
-        from flashinfer import merge_state
-
-        o, lse = self.own_wrapper.run(query, kv, return_lse=True)
-        for wrapper, rows in zip(self.level_wrappers, self.level_rows):
-            o_l, lse_l = wrapper.run(query[rows], kv, return_lse=True)
-            o_m, lse_m = merge_state(o[rows], lse[rows], o_l, lse_l)
-            o[rows] = o_m
-            lse[rows] = lse_m
-        out.copy_(o)
