@@ -9,7 +9,7 @@
 # Steps run in the order given (a machine is held 30 minutes at most, so put
 # first what matters most): host-bench, step-profile, throughput, gpu-check,
 # gpu-tests (the end-to-end chunk tests first; triton-tests: the kernel tests alone), kernel-bench (the nosharing and shared decode shapes;
-# kernel-shared: the shared shape alone; branch-fi, branch-kernel: fi-tests and kernel-shared on the tree
+# kernel-shared: the shared shape alone (kernel-breakdown: with each kernel of a layer profiled); fused-tests: test_fused_qwen3.py; branch-fi, branch-kernel: fi-tests and kernel-shared on the tree
 # unpacked in .branch; chunk-tests: the end-to-end chunk tests alone;
 # kernel-single: the single workload's batch-1 decode shape, with and without fill_programs;
 # kernel-sweep: launch settings at the
@@ -52,6 +52,8 @@ run_step() {
     model-check-unit) python3 benchmarks/model_check.py --model $M --unit-norms --log-dir "$RUN" ;;
     chunk-tests) python3 -m pytest -q tests/test_chunk_pages.py ;;
     kernel-shared) python3 benchmarks/kernel_bench.py ;;
+    kernel-breakdown) python3 benchmarks/kernel_bench.py --breakdown ;;
+    fused-tests) python3 -m pytest -q tests/test_fused_qwen3.py ;;
     # The same on a branch under test, its tree unpacked in .branch (git archive BRANCH | tar -x -C .branch)
     branch-fi) (cd .branch && PYTHONPATH=/root/site:$PWD python3 -m pytest -q tests/test_gpu_attention.py tests/test_uniform_segments.py) ;;
     branch-kernel) (cd .branch && PYTHONPATH=/root/site:$PWD python3 benchmarks/kernel_bench.py) ;;

@@ -7,7 +7,7 @@ the measured copy bandwidth. Each variant is checked against the flat
 FlashInfer decode first (relative error), then timed (median of CUDA-event
 timings). Host planning time per step is reported apart.
 
-    python benchmarks/kernel_bench.py [--prefix 8192 --own 192 --batch 64] [--sweep]
+    python benchmarks/kernel_bench.py [--prefix 8192 --own 192 --batch 64] [--sweep] [--breakdown]
 
 `--prefix 0` is the `nosharing` shape's decode (flat: every request its own
 pages; e.g. `--prefix 0 --own 4352`); `--batch 1 --prefix 0 --own 640` is the
@@ -40,6 +40,24 @@ def median_us(fn, reps: int = 50) -> float:
     return float(np.median(times))
 
 
+def kernel_breakdown(fn, reps: int = 20) -> list[tuple[str, float]]:
+    """Each kernel of one call of `fn` (a graph replay included), in launch order: (name, median us)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    kernels = sorted((e for e in prof.events() if e.device_type == DeviceType.CUDA and "memcpy" not in e.name.lower()
+                      and "memset" not in e.name.lower()), key=lambda e: e.time_range.start)
+    per_call = len(kernels) // reps
+    return [(kernels[i].name, float(np.median([kernels[i + c * per_call].time_range.elapsed_us()
+                                               for c in range(reps)]))) for i in range(per_call)]
+
+
 def launch_label(launch) -> str:
     """A Launch (ops/triton_cascade.py) as the sweeps print it."""
     return f"{launch.block_n} keys/{launch.num_warps}w/{launch.num_stages or '-'}st"
@@ -62,6 +80,8 @@ def main() -> None:
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--page", type=int, default=16)
     ap.add_argument("--sweep", action="store_true", help="time Triton launch settings under graph replay")
+    ap.add_argument("--breakdown", action="store_true",
+                    help="each kernel of the backend's decode graph and of the flat FlashInfer decode, profiled")
     args = ap.parse_args()
 
     import flashinfer
@@ -176,6 +196,13 @@ def main() -> None:
         us = median_us(fn)
         flat_us = flat_us or us
         print(f"{name:<56} {us:>9.1f} {us / floor_us:>8.2f} {flat_us / us:>7.2f}x {err:>9.1e}")
+    if args.breakdown:
+        # Where a layer's time goes: the graph holds, per tile kind (wide: shared-level items; narrow: the
+        # rest), both chunk specializations of the partials kernel (one finds no items), then the merge.
+        for name in ("flashinfer decode, flat (stock)", "triton, backend decode settings, graph replay"):
+            print(f"\nkernels of '{name}' (profiled, median us of each in launch order):")
+            for kernel, us in kernel_breakdown(variants[name]):
+                print(f"  {kernel[:80]:<80} {us:>8.1f}")
     print("\nhost work per step:")
     for name, us in host.items():
         print(f"  {name:<56} {us:>9.1f} us")
