@@ -181,7 +181,7 @@ def main() -> None:
             variants[f"graph: {pages_per_item} pages/item, narrow {launch_label(narrow)}"] = replayed(
                 pages_per_item, (Launch(num_warps=4), narrow))
         for wide in settings if shared else []:
-            variants[f"graph: 16 pages/item, wide {launch_label(wide)}"] = replayed(16, (wide, Launch()))
+            variants[f"graph: backend settings, wide {launch_label(wide)}"] = replayed(backend_pages, (wide, Launch()), 4, True)
 
     kv_bytes = (args.prefix + b * args.own) * hkv * d * 2 * 2
     bandwidth = copy_bandwidth()
