@@ -219,8 +219,8 @@ def _merge_kernel(
 
 def default_launch(wide: bool, wide_m: int, chunks: bool) -> Launch:
     """Launch settings of a partials launch (H100 sweeps, kernel_bench.py --sweep): wide tiles read 64
-    keys per step (8192-key shared level: 31.0 -> 25.6 us), except in the chunk specialization,
-    whose extra registers spill there (prefill_bench: 1.8 -> 3.1 ms)."""
+    keys per step (8192-key shared level: 31.0 -> 25.8 us), except in the chunk specialization,
+    which is slower so (prefill_bench: 1.8 -> 3.1 ms; likely its extra registers, not inspected)."""
     if wide and not chunks:
         return Launch(block_n=64)
     return Launch(num_warps=8 if wide and wide_m > 64 else 4)
