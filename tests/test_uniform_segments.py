@@ -20,7 +20,7 @@ from test_triton_cascade import cos_sin
 from vllm_cascade.attention.plan import flat_plan, plan_cascade, split_uniform
 from vllm_cascade.kv.chunk_pages import ChunkView
 from vllm_cascade.ops.chunk_attention import rotate_query
-from vllm_cascade.ops.flashinfer_attention import SharedRuns
+from vllm_cascade.ops.flashinfer_attention import SharedRuns, pack_aligned
 from vllm_cascade.ops.torch_attention import attend, cascade_attention, gather_pages, merge
 
 ON_GPU = torch.cuda.is_available()
@@ -115,6 +115,20 @@ def test_prefix_plan_runs_attend_like_the_reference(seed):
     assert not runs.rotation.any()
     runs, o_part, l_part = partials(plan, table, seq_lens, qsl, q, k, v, q[torch.from_numpy(runs.tokens)])
     torch.testing.assert_close(merged(runs, o_part, l_part), ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_runs_upload_keeps_each_field_aligned(seed):
+    """The gather and merge kernels read the runs' arrays from one upload; each array starts 16-byte
+    aligned whatever the step's sizes, so Triton compiles one variant of them, not one per alignment."""
+    _, _, qsl, _, split, *_ = chunk_step(seed)
+    runs = SharedRuns.of(split, qsl, PAGE)
+    fields = {"tokens": runs.tokens, "rotation": runs.rotation, "contrib_off": runs.contrib_off,
+              "contrib_row": runs.contrib_row, "num_tokens": [int(qsl[-1])]}
+    packed, layout = pack_aligned(fields)
+    for name, (offset, n) in layout.items():
+        assert offset % 4 == 0
+        np.testing.assert_array_equal(packed[offset : offset + n], fields[name])
 
 
 def test_split_cuts_chunks_and_moves_own_chunks():

@@ -32,12 +32,33 @@ Example (GPU only):
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from vllm_cascade.attention.plan import CascadePlan, _index_within
+
+
+def pack_aligned(fields: dict[str, Sequence[int]], align: int = 4) -> tuple[np.ndarray, dict[str, tuple[int, int]]]:
+    """Int32 arrays packed into one (one upload), each starting at a multiple of `align` elements
+    -> (packed, {name: (offset, length)}). Triton specializes a pointer argument on its 16-byte
+    alignment, so offsets that follow the step's sizes would compile new variants of the gather
+    and merge kernels while serving, whenever a step's alignments are new.
+
+    >>> packed, layout = pack_aligned({"a": [1, 2, 3], "b": [4]})
+    >>> layout, packed.tolist()
+    ({'a': (0, 3), 'b': (4, 1)}, [1, 2, 3, 0, 4, 0, 0, 0])
+    """
+    layout, offset = {}, 0
+    for name, values in fields.items():
+        layout[name] = (offset, len(values))
+        offset += -(-len(values) // align) * align
+    packed = np.zeros(offset, dtype=np.int32)
+    for name, (start, n) in layout.items():
+        packed[start : start + n] = fields[name]
+    return packed, layout
 
 
 @dataclass(frozen=True)
@@ -192,13 +213,10 @@ class FlashInferCascade:
         num_tokens, gathered = int(query_start_loc[-1]), len(runs.tokens)
         fields = {"tokens": runs.tokens, "rotation": runs.rotation, "contrib_off": runs.contrib_off,
                   "contrib_row": runs.contrib_row, "num_tokens": [num_tokens]}
-        fields = {k: np.asarray(v, dtype=np.int32) for k, v in fields.items()}
-        host = torch.from_numpy(np.concatenate(list(fields.values())))
+        packed, layout = pack_aligned(fields)
+        host = torch.from_numpy(packed)
         dev = host.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else host
-        self._device_runs, offset = {}, 0
-        for name, array in fields.items():
-            self._device_runs[name] = dev[offset : offset + len(array)]
-            offset += len(array)
+        self._device_runs = {name: dev[offset : offset + n] for name, (offset, n) in layout.items()}
         rows = num_tokens + gathered
         self._partials = (torch.empty(rows, self.num_qo_heads, self.head_dim, dtype=self.dtype, device=self.device),
                           torch.empty(rows, self.num_qo_heads, dtype=torch.float32, device=self.device),

@@ -550,7 +550,7 @@ class TritonCascade:
         for name, (key, extra) in _REGIONS.items():
             size = (capacity[key] if key else 0) + extra
             self._layout[name] = (offset, size)
-            offset += size
+            offset += -(-size // 4) * 4  # 16-byte aligned regions: Triton specializes pointers on it
         pinned = self.device.type == "cuda"
         self._host = [torch.zeros(offset, dtype=torch.int32, pin_memory=pinned) for _ in range(2)]
         self._image = np.zeros(offset, dtype=np.int32)
