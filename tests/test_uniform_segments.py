@@ -160,10 +160,10 @@ def test_split_refuses_chunk_keys_on_a_query_page():
 @pytest.mark.skipif(ON_GPU or INTERPRETED, reason="the kernel cases run directly in this process")
 def test_kernels_under_the_interpreter():
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-           f"{__file__}::test_gather_rotate_and_merge_kernels"]
+           f"{__file__}::test_gather_rotate_and_merge_kernels", f"{__file__}::test_merge_of_many_partial_rows"]
     proc = subprocess.run(cmd, env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True,
                           timeout=600, cwd=os.path.dirname(__file__))
-    assert proc.returncode == 0 and "4 passed" in proc.stdout, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert proc.returncode == 0 and "7 passed" in proc.stdout, proc.stdout[-4000:] + proc.stderr[-2000:]
 
 
 @pytest.mark.skipif(not (ON_GPU or INTERPRETED), reason="needs a GPU or TRITON_INTERPRET=1 from process start")
@@ -190,3 +190,33 @@ def test_gather_rotate_and_merge_kernels(seed, g, rot):
                    i32([q.shape[0]]), programs=3)
     tol = 2e-3 if ON_GPU else 1e-4
     torch.testing.assert_close(out.cpu(), ref, atol=tol, rtol=tol)
+
+
+@pytest.mark.skipif(not (ON_GPU or INTERPRETED), reason="needs a GPU or TRITON_INTERPRET=1 from process start")
+@pytest.mark.parametrize("seed", range(3))
+def test_merge_of_many_partial_rows(seed):
+    """The merge against log-sum-exp in torch: tokens with 0 to 40 partial rows (several of the
+    kernel's blocks), rows that saw no key (-inf) among them, rows shared between tokens."""
+    from vllm_cascade.ops.triton_cascade import merge_partials
+
+    device = "cuda" if ON_GPU else "cpu"
+    rng = np.random.default_rng(seed)
+    tokens, heads, d, rows = 9, 3, 16, 60
+    o_part = torch.from_numpy(rng.standard_normal((rows, heads, d), dtype=np.float32))
+    l_part = torch.from_numpy(rng.uniform(-4, 4, (rows, heads)).astype(np.float32))
+    l_part[rng.random((rows, heads)) < 0.1] = float("-inf")
+    counts = rng.integers(0, 41, tokens)
+    counts[0] = 0
+    contrib_row = np.concatenate([rng.choice(rows, n) for n in counts]).astype(np.int32)
+    contrib_off = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+    expect = torch.zeros(tokens, heads, d)
+    for t in range(tokens):
+        picked = torch.from_numpy(contrib_row[contrib_off[t] : contrib_off[t + 1]]).long()
+        if len(picked):
+            weights = torch.softmax(l_part[picked] * math.log(2), dim=0).nan_to_num(0.0)  # [n, heads]
+            expect[t] = (weights[..., None] * o_part[picked]).sum(0)
+    i32 = lambda a: torch.from_numpy(np.asarray(a, dtype=np.int32)).to(device)  # noqa: E731
+    out = torch.full((tokens, heads, d), float("nan"), device=device)
+    merge_partials(o_part.to(device), l_part.to(device), out, i32(contrib_off), i32(contrib_row), i32([tokens]),
+                   programs=2)
+    torch.testing.assert_close(out.cpu(), expect, atol=1e-5, rtol=1e-5)
