@@ -61,7 +61,8 @@ import statistics
 import time
 from dataclasses import asdict, dataclass
 
-from harness import backend_arguments, engine_backend, run_per_backend, stats_line
+from harness import (PASS_MARK, backend_arguments, backend_path, engine_backend, jit_by_pass, run_per_backend,
+                     stats_line)
 
 BACKENDS = ["FLASHINFER", "CASCADE"]
 VARIANTS = ["orders", "chain"]
@@ -282,6 +283,7 @@ def run_backend(args) -> None:
         orders = request_orders(variant, shape)
         passes = []
         for phase in ["warm"] + ["timed" if i == 0 else f"timed{i}" for i in range(args.repeats)]:
+            print(f"{PASS_MARK}{variant} {phase}", flush=True)
             setup_s, prompts, pinned = _setup_pass(side, shape, variant, orders, phase)
             outs, finished, batch_s, peak = side.run(prompts, shape.new_tokens)
             cleared = side.clear()
@@ -341,6 +343,10 @@ def main() -> None:
     table, stats = run_per_backend(__file__, child, args.backends.split(","), "chunks", args.log_dir)
     for name, counters in stats.items():
         print(f"{name} worker stats: {stats_line(counters)}")
+    for name in table:
+        compiled = jit_by_pass(backend_path(args.log_dir, "chunks", name) + ".log")
+        print(f"{name} kernels compiled while serving, by pass: "
+              + ("; ".join(f"{p}: {', '.join(k)}" for p, k in compiled.items() if k) or "none"))
     for name, r in table.items():
         if "lookups" in r:
             print(f"{name} scheduler lookups of compositions: {r['lookups']['pinned']} from the pins, "

@@ -55,6 +55,30 @@ def run_script(cmd: list[str], tag: str, label: str, env: dict | None = None) ->
         return json.load(f)
 
 
+def backend_path(log_dir: str, tag: str, backend: str) -> str:
+    """Where a backend's child writes: this + ".log" and ".json" (labels hold ':' and '=')."""
+    return os.path.join(log_dir, f"{tag}-{re.sub(r'[^A-Za-z0-9_.-]+', '-', backend)}")
+
+
+PASS_MARK = "[pass] "  # a child's line before each pass of its engine (jit_by_pass)
+
+
+def jit_by_pass(log_path: str) -> dict[str, list[str]]:
+    """Kernels vLLM's JIT monitor saw compiled while serving ("JIT compilation during inference"), by
+    the pass they fell in, from a child's log (the child prints PASS_MARK + its pass before each;
+    the engine core logs to the same file). A compile in a timed pass is in its TTFT."""
+    passes: dict[str, list[str]] = {"start": []}
+    current = "start"
+    with open(log_path, errors="replace") as log:
+        for line in log:
+            if line.startswith(PASS_MARK):
+                current = line[len(PASS_MARK) :].strip()
+                passes.setdefault(current, [])
+            elif (m := re.search(r"JIT compilation during inference: ([A-Za-z0-9_]+)", line)):
+                passes[current].append(m.group(1))
+    return passes
+
+
 def run_per_backend(script: str, child_args: list[str], backends: list[str], tag: str, log_dir: str
                     ) -> tuple[dict[str, object], dict[str, dict]]:
     """-> ({backend: the child's JSON result}, {backend: its summed CASCADE worker stats}).
@@ -64,7 +88,7 @@ def run_per_backend(script: str, child_args: list[str], backends: list[str], tag
     """
     results, stats = {}, {}
     for backend in backends:
-        path = os.path.join(log_dir, f"{tag}-{re.sub(r'[^A-Za-z0-9_.-]+', '-', backend)}")  # labels hold ':' and '=
+        path = backend_path(log_dir, tag, backend)
         stats_dir = tempfile.mkdtemp()
         cmd = [sys.executable, script, *child_args, "--backend", backend, "--out", path + ".json"]
         result = run_script(cmd, path, backend, env=dict(os.environ, **{STATS_DIR_ENV: stats_dir}))
