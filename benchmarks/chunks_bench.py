@@ -61,8 +61,15 @@ import statistics
 import time
 from dataclasses import asdict, dataclass
 
-from harness import (PASS_MARK, backend_arguments, backend_path, engine_backend, jit_by_pass, run_per_backend,
-                     stats_line)
+from harness import (
+    PASS_MARK,
+    backend_arguments,
+    backend_path,
+    engine_backend,
+    jit_by_pass,
+    run_per_backend,
+    stats_line,
+)
 
 BACKENDS = ["FLASHINFER", "CASCADE"]
 VARIANTS = ["orders", "chain"]
