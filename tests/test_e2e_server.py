@@ -164,6 +164,10 @@ def test_metrics_show_cascade_levels_and_saved_bytes(server):
     assert metric(text, "vllm:cascade_build_seconds_by_kind_total", 'kind="decode"') > 0
     # The CPU runner has no block-table mirror, so nothing is reused here; the GPU runs count them.
     assert metric(text, "vllm:cascade_merge_inputs_total") == files["merge_inputs"] > 0
+    # The CPU path times its merges: every layer call of a cascade step.
+    assert metric(text, "vllm:cascade_merge_timed_calls_total") == files["merge_timed_calls"] > 0
+    assert metric(text, "vllm:cascade_merge_seconds_total") == pytest.approx(files["merge_ns"] / 1e9)
+    assert files["merge_ns"] > 0
     assert "vllm:cascade_decode_plans_reused_total" in text and "vllm:cascade_decode_worklists_advanced_total" in text
     assert metric(text, "vllm:cascade_decode_plans_reused_total") == files["plans_reused"]
     assert metric(text, "vllm:cascade_decode_worklists_advanced_total") == files["worklists_advanced"]

@@ -21,6 +21,8 @@ multiprocess registry and these metrics are not exported).
     vllm:cascade_decode_worklists_advanced_total  decode steps whose work list was advanced, not built
     vllm:cascade_merge_inputs_total               partial results the exact merge combined, per layer (its
                                                   cost; the merge kernel's time is in benchmarks/RESULTS.md)
+    vllm:cascade_merge_seconds_total              measured time of those merges where a layer call times it
+                                                  (the CPU path), in vllm:cascade_merge_timed_calls_total calls
     vllm:cascade_chunk_steps_total                steps that read composed chunk pages (shifted or padded)
 
 With the chunk HTTP API loaded (entrypoints/http.py), its registry too:
@@ -87,6 +89,10 @@ class CascadeCollector:
                       "advanced by a token instead of built.", stats["worklists_advanced"])
         yield counter("merge_inputs", "Partial attention results merged by log-sum-exp, per layer (one per "
                       "level a query token attended, or per KV run on the fused GPU path).", stats["merge_inputs"])
+        yield counter("merge_seconds", "Measured time of the exact merge of levels, in the layer calls that time it "
+                      "(the CPU path; GPU kernels are not timed here).", stats["merge_ns"] / 1e9)
+        yield counter("merge_timed_calls", "Layer calls with more than one level whose merge time is in "
+                      "merge_seconds.", stats["merge_timed_calls"])
         yield counter("chunk_steps", "Steps whose attention read chunk pages at shifted positions or with page "
                       "padding (composed requests).", stats["chunk_steps"])
         yield from self._chunk_metrics(counter)

@@ -326,7 +326,7 @@ class CascadeImpl(AttentionImpl[CascadeMetadata]):
             attn_metadata.kernel.run(query, k_cache, v_cache, out)
         else:
             STATS.paths["torch"] += 1
-            torch_attention.cascade_attention(
+            merge_ns = torch_attention.cascade_attention(
                 query,
                 k_cache,
                 v_cache,
@@ -338,6 +338,9 @@ class CascadeImpl(AttentionImpl[CascadeMetadata]):
                 out,
                 attn_metadata.chunks,
             )
+            if attn_metadata.plan.num_levels > 1:
+                STATS.merge_ns += merge_ns
+                STATS.merge_timed_calls += 1
         STATS.layer_calls += 1
         return output
 

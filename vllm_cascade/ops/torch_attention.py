@@ -24,6 +24,8 @@ Example:
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import torch
 
@@ -90,8 +92,9 @@ def cascade_attention(
     scale: float,
     out: torch.Tensor,
     chunks: ChunkView | None = None,
-) -> None:
-    """Write attention of every request's queries over its KV into `out`.
+) -> int:
+    """Write attention of every request's queries over its KV into `out`; -> nanoseconds spent
+    merging the levels (wall time: this path computes synchronously).
 
     The own level runs per request, causally, over the pages from
     plan.own_first_page on; each shared segment runs once over its pages for
@@ -102,6 +105,7 @@ def cascade_attention(
     num_rows = len(seq_lens)
     acc_out: list[torch.Tensor] = []
     acc_lse: list[torch.Tensor] = []
+    merge_ns = 0
     for r in range(num_rows):
         q0, q1 = int(query_start_loc[r]), int(query_start_loc[r + 1])
         seq_len, first = int(seq_lens[r]), int(plan.own_first_page[r])
@@ -122,14 +126,16 @@ def cascade_attention(
                 back = torch.from_numpy(-np.repeat(seg.q_shift.astype(np.int64), lens)).to(q.device)
                 q = _rotate(q, back, chunks.cos_sin_cache)
             o, lse = attend(q, k, v, scale)
-            start = 0
+            start, t0 = 0, time.perf_counter_ns()
             for r in rows:
                 length = int(query_start_loc[r + 1] - query_start_loc[r])
                 sl = slice(start, start + length)
                 acc_out[r], acc_lse[r] = merge(acc_out[r], acc_lse[r], o[sl], lse[sl])
                 start += length
+            merge_ns += time.perf_counter_ns() - t0
     num_tokens = int(query_start_loc[num_rows])
     out[:num_tokens].copy_(torch.cat(acc_out).to(out.dtype).reshape(out[:num_tokens].shape))
+    return merge_ns
 
 
 def _keys(k_cache: torch.Tensor, v_cache: torch.Tensor, pages: torch.Tensor, row: int, first_page: int,
