@@ -151,12 +151,13 @@ def main() -> None:
             host[f"triton work list (wide {wide_m}, {pages_per_item} pages/item)"] = (time.perf_counter() - t0) * 1e6
             variants[f"triton, wide {wide_m}, {pages_per_item} pages/item"] = into(tc.run, torch.empty_like(q))
 
-    def replayed(pages_per_item: int = 16, launches=None, programs_per_sm: int = 4, fill: bool = False):
+    def replayed(pages_per_item: int = 16, launches=None, programs_per_sm: int = 4, fill: bool = False,
+                 wide_m: int = 64):
         """What a FULL CUDA graph replays: fixed buffers, the launches captured once (both
         specializations of the partials kernel, as in the backend's graphs)."""
         fixed = TritonCascade(hq, hkv, page, scale, head_dim=d, pages_per_item=pages_per_item, launches=launches,
                               capacity={"tokens": 512, "rows": 16384, "items": 16384},
-                              programs_per_sm=programs_per_sm, fill_programs=fill)
+                              programs_per_sm=programs_per_sm, fill_programs=fill, wide_m=wide_m)
         fixed.plan(plan, bt, seq_lens, qsl)
         graph_out = torch.empty_like(q)
         fixed.run(q, k, v, graph_out)
@@ -179,9 +180,12 @@ def main() -> None:
 
         for pages_per_item, narrow in itertools.product((16, 32, 64), settings):
             variants[f"graph: {pages_per_item} pages/item, narrow {launch_label(narrow)}"] = replayed(
-                pages_per_item, (Launch(num_warps=4), narrow))
-        for wide in settings if shared else []:
-            variants[f"graph: backend settings, wide {launch_label(wide)}"] = replayed(backend_pages, (wide, Launch()), 4, True)
+                pages_per_item, (Launch(block_n=64), narrow))
+        # Wide tiles of 64 rows (the backend's: 32 tokens at GQA 2) read a shared page once per 32
+        # requests; 128 rows read it once per 64 (half the shared level's reads, more registers).
+        for wide_m, wide in itertools.product((64, 128) if shared else (), settings):
+            variants[f"graph: backend settings, wide {wide_m} rows {launch_label(wide)}"] = replayed(
+                backend_pages, (wide, Launch()), 4, True, wide_m)
 
     kv_bytes = (args.prefix + b * args.own) * hkv * d * 2 * 2
     bandwidth = copy_bandwidth()
