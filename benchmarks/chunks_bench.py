@@ -303,7 +303,7 @@ def run_backend(args) -> None:
         # The row is the pass of median TTFT; greedy tokens come from the first pass, whose chunks and
         # tails (seeded by pass) every side shares.
         ttft_ms = [statistics.mean(p["ttft_s"]) * 1e3 for p in passes]
-        median = passes[sorted(range(len(passes)), key=ttft_ms.__getitem__)[(len(passes) - 1) // 2]]
+        median = passes[ttft_ms.index(statistics.median_low(ttft_ms))]
         results[variant] = {**median, "distinct_orders": len(set(orders)), "pass_ttft_ms": ttft_ms,
                             "first_tokens": passes[0]["first_tokens"],
                             **({"profile": side.profile} if args.profile_steps else {})}

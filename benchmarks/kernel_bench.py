@@ -88,7 +88,7 @@ def main() -> None:
 
     from vllm_cascade.attention.plan import plan_cascade
     from vllm_cascade.ops.flashinfer_attention import FlashInferCascade
-    from vllm_cascade.ops.triton_cascade import Launch, TritonCascade
+    from vllm_cascade.ops.triton_cascade import Launch, TritonCascade, default_launch
 
     b, page, hq, hkv, d = args.batch, args.page, args.qo_heads, args.kv_heads, args.head_dim
     shared_pages, own_pages = args.prefix // page, -(-args.own // page)
@@ -180,7 +180,7 @@ def main() -> None:
 
         for pages_per_item, narrow in itertools.product((16, 32, 64), settings):
             variants[f"graph: {pages_per_item} pages/item, narrow {launch_label(narrow)}"] = replayed(
-                pages_per_item, (Launch(block_n=64), narrow))
+                pages_per_item, (default_launch(True, 64, False), narrow))
         # Wide tiles of 64 rows (the backend's: 32 tokens at GQA 2) read a shared page once per 32
         # requests; 128 rows read it once per 64 (half the shared level's reads, more registers).
         for wide_m, wide in itertools.product((64, 128) if shared else (), settings):

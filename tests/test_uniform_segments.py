@@ -20,7 +20,7 @@ from test_triton_cascade import cos_sin
 from vllm_cascade.attention.plan import flat_plan, plan_cascade, split_uniform
 from vllm_cascade.kv.chunk_pages import ChunkView
 from vllm_cascade.ops.chunk_attention import rotate_query
-from vllm_cascade.ops.flashinfer_attention import SharedRuns, pack_aligned
+from vllm_cascade.ops.flashinfer_attention import SharedRuns
 from vllm_cascade.ops.torch_attention import attend, cascade_attention, gather_pages, merge
 
 ON_GPU = torch.cuda.is_available()
@@ -121,6 +121,8 @@ def test_prefix_plan_runs_attend_like_the_reference(seed):
 def test_runs_upload_keeps_each_field_aligned(seed):
     """The gather and merge kernels read the runs' arrays from one upload; each array starts 16-byte
     aligned whatever the step's sizes, so Triton compiles one variant of them, not one per alignment."""
+    from vllm_cascade.ops.triton_cascade import pack_aligned
+
     _, _, qsl, _, split, *_ = chunk_step(seed)
     runs = SharedRuns.of(split, qsl, PAGE)
     fields = {"tokens": runs.tokens, "rotation": runs.rotation, "contrib_off": runs.contrib_off,

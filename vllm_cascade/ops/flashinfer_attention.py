@@ -32,33 +32,12 @@ Example (GPU only):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from vllm_cascade.attention.plan import CascadePlan, _index_within
-
-
-def pack_aligned(fields: dict[str, Sequence[int]], align: int = 4) -> tuple[np.ndarray, dict[str, tuple[int, int]]]:
-    """Int32 arrays packed into one (one upload), each starting at a multiple of `align` elements
-    -> (packed, {name: (offset, length)}). Triton specializes a pointer argument on its 16-byte
-    alignment, so offsets that follow the step's sizes would compile new variants of the gather
-    and merge kernels while serving, whenever a step's alignments are new.
-
-    >>> packed, layout = pack_aligned({"a": [1, 2, 3], "b": [4]})
-    >>> layout, packed.tolist()
-    ({'a': (0, 3), 'b': (4, 1)}, [1, 2, 3, 0, 4, 0, 0, 0])
-    """
-    layout, offset = {}, 0
-    for name, values in fields.items():
-        layout[name] = (offset, len(values))
-        offset += -(-len(values) // align) * align
-    packed = np.zeros(offset, dtype=np.int32)
-    for name, (start, n) in layout.items():
-        packed[start : start + n] = fields[name]
-    return packed, layout
 
 
 @dataclass(frozen=True)
@@ -213,6 +192,8 @@ class FlashInferCascade:
         num_tokens, gathered = int(query_start_loc[-1]), len(runs.tokens)
         fields = {"tokens": runs.tokens, "rotation": runs.rotation, "contrib_off": runs.contrib_off,
                   "contrib_row": runs.contrib_row, "num_tokens": [num_tokens]}
+        from vllm_cascade.ops.triton_cascade import pack_aligned
+
         packed, layout = pack_aligned(fields)
         host = torch.from_numpy(packed)
         dev = host.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else host

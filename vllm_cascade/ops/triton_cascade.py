@@ -30,6 +30,7 @@ Example (see tests/test_triton_cascade.py for a complete, checked one):
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -338,6 +339,32 @@ def gather_rotate(query: torch.Tensor, tokens: torch.Tensor, rotation: torch.Ten
     return out
 
 
+def aligned_layout(sizes: dict[str, int], align: int = 4) -> tuple[dict[str, tuple[int, int]], int]:
+    """Regions of int32 arrays in one buffer, each starting at a multiple of `align` elements (16
+    bytes) -> ({name: (offset, length)}, total length). Triton specializes a pointer argument on its
+    16-byte alignment, so regions whose offsets followed a step's sizes would compile new variants
+    of the kernels reading them while serving, whenever a step's alignments are new."""
+    layout, offset = {}, 0
+    for name, size in sizes.items():
+        layout[name] = (offset, size)
+        offset += -(-size // align) * align
+    return layout, offset
+
+
+def pack_aligned(fields: dict[str, Sequence[int]]) -> tuple[np.ndarray, dict[str, tuple[int, int]]]:
+    """Int32 arrays packed into one (one upload) at `aligned_layout` offsets -> (packed, layout).
+
+    >>> packed, layout = pack_aligned({"a": [1, 2, 3], "b": [4]})
+    >>> layout, packed.tolist()
+    ({'a': (0, 3), 'b': (4, 1)}, [1, 2, 3, 0, 4, 0, 0, 0])
+    """
+    layout, total = aligned_layout({name: len(values) for name, values in fields.items()})
+    packed = np.zeros(total, dtype=np.int32)
+    for name, (start, n) in layout.items():
+        packed[start : start + n] = fields[name]
+    return packed, layout
+
+
 # Which capacity sizes each work-list field's region ("items", "rows", "tokens"), plus a constant.
 _REGIONS = {"q_off": ("items", 0), "q_len": ("items", 0), "bt_row": ("items", 0), "page_start": ("items", 0),
             "kv_len": ("items", 0), "causal": ("items", 0), "item_part": ("items", 0), "q_tokens": ("rows", 0),
@@ -546,11 +573,8 @@ class TritonCascade:
     def _allocate(self, capacity: dict[str, int]) -> None:
         """New regions (pointers change: a captured graph must be captured again after this)."""
         self.capacity = dict(capacity)
-        self._layout, offset = {}, 0
-        for name, (key, extra) in _REGIONS.items():
-            size = (capacity[key] if key else 0) + extra
-            self._layout[name] = (offset, size)
-            offset += -(-size // 4) * 4  # 16-byte aligned regions: Triton specializes pointers on it
+        self._layout, offset = aligned_layout({name: (capacity[key] if key else 0) + extra
+                                               for name, (key, extra) in _REGIONS.items()})
         pinned = self.device.type == "cuda"
         self._host = [torch.zeros(offset, dtype=torch.int32, pin_memory=pinned) for _ in range(2)]
         self._image = np.zeros(offset, dtype=np.int32)
