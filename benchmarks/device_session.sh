@@ -9,7 +9,7 @@
 # Steps run in the order given (a machine is held 30 minutes at most, so put
 # first what matters most): host-bench, step-profile, throughput, gpu-check,
 # gpu-tests (the end-to-end chunk tests first; triton-tests: the kernel tests alone), kernel-bench (the nosharing and shared decode shapes;
-# kernel-shared: the shared shape alone (kernel-breakdown: with each kernel of a layer profiled); fused-tests: test_fused_qwen3.py; branch-fi, branch-kernel: fi-tests and kernel-shared on the tree
+# kernel-shared: the shared shape alone (kernel-breakdown: with each kernel of a layer profiled); fused-tests: test_fused_qwen3.py; branch-fi, branch-triton, branch-kernel, branch-chunks: fi-tests, test_triton_cascade, kernel-breakdown and stock FLASHINFER against CASCADE's chunks_bench on the tree
 # unpacked in .branch; chunk-tests: the end-to-end chunk tests alone;
 # kernel-single: the single workload's batch-1 decode shape, with and without fill_programs;
 # kernel-sweep: launch settings at the
@@ -57,6 +57,9 @@ run_step() {
     # The same on a branch under test, its tree unpacked in .branch (git archive BRANCH | tar -x -C .branch)
     branch-fi) (cd .branch && PYTHONPATH=/root/site:$PWD python3 -m pytest -q tests/test_gpu_attention.py tests/test_uniform_segments.py) ;;
     branch-kernel) (cd .branch && PYTHONPATH=/root/site:$PWD python3 benchmarks/kernel_bench.py --breakdown) ;;
+    branch-triton) (cd .branch && PYTHONPATH=/root/site:$PWD python3 -m pytest -q tests/test_triton_cascade.py) ;;
+    branch-chunks) (cd .branch && PYTHONPATH=/root/site:$PWD python3 benchmarks/chunks_bench.py --model ../$M \
+                       --backends FLASHINFER,CASCADE --log-dir "$RUN/branch") ;;
     *) echo "unknown step $1"; return 2 ;;
     esac
 }
