@@ -10,7 +10,8 @@
 # first what matters most): host-bench, step-profile, throughput, gpu-check,
 # gpu-tests (the end-to-end chunk tests first; triton-tests: the kernel tests alone), kernel-bench (the nosharing and shared decode shapes;
 # kernel-shared: the shared shape alone (kernel-breakdown: with each kernel of a layer profiled); fused-tests: test_fused_qwen3.py; branch-fi, branch-triton, branch-kernel, branch-chunks: fi-tests, test_triton_cascade, kernel-breakdown and stock FLASHINFER against CASCADE's chunks_bench on the tree
-# unpacked in .branch; chunk-tests: the end-to-end chunk tests alone;
+# unpacked in .branch; chunk-tests: the end-to-end chunk tests alone; rope-tests: the kernel tests of chunk steps and
+# of queries before RoPE (query_rope), both GPU paths; rope-e2e: the fused class on CASCADE, query_rope model and backend;
 # kernel-single: the single workload's batch-1 decode shape, with and without fill_programs;
 # kernel-sweep: launch settings at the
 # nosharing and shared shapes), prefill-bench (one layer of the composed-chunks prefill step: the chunk
@@ -35,6 +36,8 @@ run_step() {
     gpu-tests) python3 -m pytest -q tests/test_chunk_pages.py tests/test_gpu_attention.py tests/test_uniform_segments.py tests/test_triton_cascade.py tests/test_fused_qwen3.py ;;
     triton-tests) python3 -m pytest -q tests/test_triton_cascade.py tests/test_uniform_segments.py tests/test_chunk_pages.py ;;
     fi-tests) python3 -m pytest -q tests/test_gpu_attention.py tests/test_uniform_segments.py ;;
+    rope-tests) python3 -m pytest -q tests/test_triton_cascade.py tests/test_gpu_attention.py -k "rope or chunk" ;;
+    rope-e2e) python3 -m pytest -q -s tests/test_fused_qwen3.py -k "gpu_query_before_rope" ;;
     kernel-bench) python3 benchmarks/kernel_bench.py --prefix 0 --own 4352; python3 benchmarks/kernel_bench.py ;;
     kernel-single) python3 benchmarks/kernel_bench.py --batch 1 --prefix 0 --own 640 ;;
     prefill-bench) python3 benchmarks/prefill_bench.py ;;
@@ -58,7 +61,7 @@ run_step() {
     branch-fi) (cd .branch && PYTHONPATH=/root/site:$PWD python3 -m pytest -q tests/test_gpu_attention.py tests/test_uniform_segments.py) ;;
     branch-kernel) (cd .branch && PYTHONPATH=/root/site:$PWD python3 benchmarks/kernel_bench.py --breakdown) ;;
     branch-triton) (cd .branch && PYTHONPATH=/root/site:$PWD python3 -m pytest -q tests/test_triton_cascade.py) ;;
-    branch-chunks) (cd .branch && PYTHONPATH=/root/site:$PWD python3 benchmarks/chunks_bench.py --model ../$M \
+    branch-chunks) mkdir -p "$RUN/branch" && (cd .branch && PYTHONPATH=/root/site:$PWD python3 benchmarks/chunks_bench.py --model ../$M \
                        --backends FLASHINFER,CASCADE --log-dir "$RUN/branch") ;;
     *) echo "unknown step $1"; return 2 ;;
     esac

@@ -151,7 +151,7 @@ def test_torch_path_equals_segment_reference(seed):
         cache_pages.append(pages)
     k_ref = k_eng.clone()
     orders = [[0, 1, 2], [0, 1, 2], [2, 0], [1], [2, 1, 0]][: int(rng.integers(2, 6))]
-    rows, comps, seq_lens, query_lens, queries_eng, queries_ref, q_true = [], [], [], [], [], [], []
+    rows, comps, seq_lens, query_lens, queries_eng, queries_ref, q_true, q_raws = [], [], [], [], [], [], [], []
     for order in orders:
         tail = int(rng.integers(1, 2 * PAGE))
         comp, row = _compose(order, lens, cache_pages, next_page, tail)
@@ -168,6 +168,7 @@ def test_torch_path_equals_segment_reference(seed):
         queries_eng.append(rotate_query(q_raw, slots[tail - qlen :], table_cs, D))
         queries_ref.append(rotate_query(q_raw, true[tail - qlen :], table_cs, D))
         q_true.append(true[tail - qlen :])
+        q_raws.append(q_raw)
         rows.append(row), comps.append(comp), seq_lens.append(num_slots), query_lens.append(qlen)
     width = max(map(len, rows))
     table = np.zeros((len(rows), width), dtype=np.int64)
@@ -179,9 +180,11 @@ def test_torch_path_equals_segment_reference(seed):
     view = ChunkView(shifts, torch.from_numpy(annotations.valid), table_cs)
     plan = plan_cascade(table, seq_lens, query_lens, PAGE, min_saved_pages=1, min_saved_fraction=0.0, shifts=shifts)
     query = torch.cat(queries_eng)
-    for p in (plan, flat_plan(seq_lens, PAGE)):
+    # The model's query before RoPE (query_rope="backend"): the path rotates it once per level.
+    for p, q_in, rope in ((plan, query, None), (flat_plan(seq_lens, PAGE), query, None),
+                          (plan, torch.cat(q_raws), table_cs), (flat_plan(seq_lens, PAGE), torch.cat(q_raws), table_cs)):
         out = torch.empty_like(query)
-        cascade_attention(query, k_eng, v_eng, torch.from_numpy(table), seq_lens, qsl, p, D**-0.5, out, view)
+        cascade_attention(q_in, k_eng, v_eng, torch.from_numpy(table), seq_lens, qsl, p, D**-0.5, out, view, rope)
         for r, (_, true_offsets, tail_slot, tail_true, num_slots) in enumerate(comps):
             segs = [Segment(cache_pages[c], lens[c], t) for c, t in zip(orders[r], true_offsets)]
             segs.append(Segment(rows[r][tail_slot // PAGE :], num_slots - tail_slot, tail_true, causal=True))

@@ -338,6 +338,51 @@ def test_folded_norms_and_untied_head_equal_hugging_face(tiny_model, session_tmp
         assert max(abs(a - b) for a, b in zip(logprobs, want_lp)) < 1e-3
 
 
+@CPU_ENGINE
+def test_query_before_rope_is_rotated_by_the_backend(tiny_model, session_tmp, engines, reference_engine):
+    """query_rope="backend": the fused class hands the query before RoPE and the cascade backend rotates
+    it once per level (at position minus the level's shift on chunk pages). Greedy tokens equal vLLM's
+    own backend on prompts sharing a prefix (cascade levels), a chunk with a tail, and a chain."""
+    from conftest import AGGRESSIVE_CASCADE, CASCADE_ENGINE, make_engine
+    from test_e2e_llm import window
+    from vllm import SamplingParams
+
+    from vllm_cascade.chunks.store import ChunkStore
+
+    config = {**CASCADE_ENGINE, "additional_config": {"cascade": {**AGGRESSIVE_CASCADE["cascade"],
+                                                                  "query_rope": "backend"}}}
+    # The setting stays on while the engine serves: the front process decodes the engine core's
+    # replies (ChunkStore's utility calls) as the engine core encodes them, by the same setting.
+    with functions_to_workers():
+        engine = make_engine(tiny_model, session_tmp / "stats-fused-query-rope", name="fused-query-rope",
+                             hf_overrides={"architectures": [ARCHITECTURE]}, **config)
+        engines.append(engine)  # shut down at session end if the test fails before
+        try:
+            paths = fused_paths(engine)
+            shared = window(tiny_model, 0, 90)
+            prompts = [shared + window(tiny_model, 300 + 40 * i, 5 + 3 * i) for i in range(4)]
+            got_plain = engine.generate_ids(prompts, max_tokens=12)
+            store = ChunkStore(engine.llm)
+            system, doc, tail = window(tiny_model, 400, 70), window(tiny_model, 800, 45), window(tiny_model, 1000, 7)
+            a = store.register_chunk(token_ids=system)
+            b = store.register_chunk(token_ids=doc, parent=a.chunk_id)
+            outs = store.generate([{"chunks": [a.chunk_id, b.chunk_id], "tail": tail},
+                                   {"chunks": [a.chunk_id], "tail": tail}],
+                                  SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True))
+            got_chunks = [list(o.outputs[0].token_ids) for o in outs]
+            cached = [o.num_cached_tokens for o in outs]
+            stats = engine.stats()
+        finally:
+            engine.shutdown()
+    assert paths["layers"] > 0 and paths["unrotated_query"] == paths["layers"], paths
+    assert got_plain == reference_engine.generate_ids(prompts, max_tokens=12)
+    assert got_chunks == reference_engine.generate_ids([system + doc + tail, system + tail], max_tokens=12)
+    assert cached == [70 + 45, 70]  # the chunks' pages were referenced, not prefilled again
+    totals = {k: sum(s[k] for s in stats) for k in ("query_rope_calls", "layer_calls", "cascade_steps", "chunk_steps")}
+    assert totals["query_rope_calls"] == totals["layer_calls"] > 0, totals  # every layer call rotated the query
+    assert totals["cascade_steps"] > 0 and totals["chunk_steps"] > 0, totals
+
+
 def test_env_switch_serves_every_qwen3_with_the_fused_class(monkeypatch):
     from vllm import ModelRegistry
 
@@ -384,7 +429,7 @@ def gpu_run(path: pathlib.Path, stats_dir: pathlib.Path, name: str, **kwargs) ->
     from conftest import make_engine
 
     with functions_to_workers():
-        engine = make_engine(path, stats_dir, name=name, **GPU_ENGINE, **kwargs)
+        engine = make_engine(path, stats_dir, name=name, **{**GPU_ENGINE, **kwargs})
     try:
         return generate(engine, PROMPTS, max_tokens=32), fused_paths(engine)
     finally:
@@ -419,3 +464,28 @@ def test_gpu_logprobs_close_to_stock_qwen3(gpu_stock_runs, session_tmp, settings
     assert prefix >= 8
     assert fused_stock <= max(GPU_LOGPROB_TOL, stock_ref)
     assert fused_ref <= stock_ref + GPU_LOGPROB_TOL
+
+
+@pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
+def test_gpu_query_before_rope_close_to_stock_qwen3(gpu_stock_runs, session_tmp):
+    """The hand-off on the GPU: the fused class on CASCADE (Triton decode kernels in FULL CUDA graphs,
+    FlashInfer prefill, cascade levels on any shared page) with the query rotated by the model and by
+    the backend (query_rope="backend"); both within the bf16 tolerance of stock Qwen3."""
+    from vllm_cascade.stats import read_stats_dir, summarize
+
+    deltas = {}
+    for rope in ("model", "backend"):
+        stats_dir = session_tmp / f"stats-gpu-fused-cascade-{rope}"
+        settings = {"query_rope": rope, "min_saved_pages": 1, "min_saved_fraction": 0.0}
+        out, paths = gpu_run(gpu_stock_runs["path"], stats_dir, f"fused-cascade-{rope}", dtype="bfloat16",
+                             hf_overrides={"architectures": [ARCHITECTURE]}, attention_backend="cascade",
+                             additional_config={"cascade": settings})
+        totals = summarize(read_stats_dir(str(stats_dir)))
+        unrotated = paths["layers"] if rope == "backend" else 0
+        assert paths["unrotated_query"] == unrotated and (totals["query_rope_calls"] > 0) == (rope == "backend"), totals
+        assert totals["cascade_steps"] > 0, totals
+        deltas[rope] = common_prefix_deltas(out, gpu_stock_runs["stock"])
+    stock_ref, _ = common_prefix_deltas(gpu_stock_runs["stock"], gpu_stock_runs["stock-fp32"])
+    print(f"max |dlogprob| vs stock bf16 (shortest common prefix): {deltas}; stock-fp32 {stock_ref:.4f}")
+    for rope, (delta, prefix) in deltas.items():
+        assert prefix >= 8 and delta <= max(GPU_LOGPROB_TOL, stock_ref), (rope, delta, prefix)

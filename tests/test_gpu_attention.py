@@ -48,11 +48,13 @@ def test_flashinfer_matches_torch(head_dim, page, group, cascade):
     assert cascade or split_off, "no flat step with decode rows before prefill rows was drawn"
 
 
+@pytest.mark.parametrize("query_rope", [False, True], ids=["rotated", "query-before-rope"])
 @pytest.mark.parametrize("group", [1, 2, 4])
 @pytest.mark.parametrize("page", [16, 32])
-def test_flashinfer_chunk_steps_match_torch(group, page):
+def test_flashinfer_chunk_steps_match_torch(group, page, query_rope):
     """Steps of composed requests (chunks in any order, pads, a row's own chunk), split for
-    FlashInfer (plan.split_uniform): the reference path's result, prefill and decode steps."""
+    FlashInfer (plan.split_uniform): the reference path's result, prefill and decode steps. With
+    `query_rope` the query comes before RoPE (the model's bf16 table rotates it once per level)."""
     from sharing import random_compositions
     from test_triton_cascade import cos_sin as rope_table
 
@@ -63,8 +65,9 @@ def test_flashinfer_chunk_steps_match_torch(group, page):
     hkv, head_dim = 2, 128
     cos_sin = rope_table(head_dim, 4096, base=1e6)
     scale = head_dim**-0.5
+    model_table = cos_sin.to(torch.bfloat16) if query_rope else None  # vLLM keeps it in the model's dtype
     fi = FlashInferCascade(torch.device("cuda"), hkv * group, hkv, head_dim, page, torch.bfloat16, scale,
-                           cos_sin.cuda())
+                           cos_sin.cuda(), query_rope=None if model_table is None else model_table.cuda())
     for seed in range(8):
         rng = np.random.default_rng(seed * 100 + page + group)
         table, seq_lens, query_lens, num_pages, annotated = random_compositions(rng, page,
@@ -83,7 +86,38 @@ def test_flashinfer_chunk_steps_match_torch(group, page):
         ref = torch.empty(q.shape, dtype=torch.float32)
         view = ChunkView(shifts, torch.from_numpy(annotated.valid.copy()), cos_sin)
         cascade_attention(q.cpu().float(), k.cpu().float(), v.cpu().float(), torch.from_numpy(table), seq_lens, qsl,
-                          plan, scale, ref, view)
+                          plan, scale, ref, view, None if model_table is None else model_table.float())
         assert not torch.isnan(out).any()
         err = (out.cpu().float() - ref).norm() / ref.norm()
         assert err < 1e-2, f"seed {seed}: relative error {err:.2e}, {fi.partial_rows} partial rows"
+
+
+@pytest.mark.parametrize("cascade", [False, True])
+def test_flashinfer_rotates_queries_before_rope(cascade):
+    """query_rope without chunk pages: every token's query rotated at its position (own level) and
+    gathered rotated for the shared levels; the reference rotates it the same way."""
+    from test_triton_cascade import cos_sin as rope_table
+
+    from vllm_cascade.ops.flashinfer_attention import FlashInferCascade
+
+    hkv, group, head_dim, page = 2, 2, 128, 16
+    model_table = rope_table(head_dim, 4096, base=1e6).to(torch.bfloat16)
+    fi = FlashInferCascade(torch.device("cuda"), hkv * group, hkv, head_dim, page, torch.bfloat16, head_dim**-0.5,
+                           query_rope=model_table.cuda())
+    for seed in range(4):
+        rng = np.random.default_rng(seed)
+        table, seq_lens, query_lens, num_pages = random_batch(rng, page, max_rows=10)
+        qsl = np.concatenate([[0], np.cumsum(query_lens)])
+        plan = plan_cascade(table, seq_lens, query_lens, page, max_levels=3 if cascade else 1,
+                            min_saved_pages=1, min_saved_fraction=0.0)
+        cache = torch.randn(num_pages, hkv, page, 2 * head_dim, device="cuda", dtype=torch.bfloat16)
+        k, v = cache[..., :head_dim], cache[..., head_dim:]
+        q = torch.randn(int(qsl[-1]), hkv * group, head_dim, device="cuda", dtype=torch.bfloat16)
+        fi.plan(plan, torch.from_numpy(table).to("cuda", torch.int32), seq_lens, qsl)
+        out = torch.full_like(q, float("nan"))
+        fi.run(q, k, v, out)
+        ref = torch.empty(q.shape, dtype=torch.float32)
+        cascade_attention(q.cpu().float(), k.cpu().float(), v.cpu().float(), torch.from_numpy(table), seq_lens, qsl,
+                          plan, head_dim**-0.5, ref, None, model_table.float())
+        err = (out.cpu().float() - ref).norm() / ref.norm()
+        assert not torch.isnan(out).any() and err < 1e-2, f"seed {seed}: relative error {err:.2e}"

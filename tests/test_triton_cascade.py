@@ -133,12 +133,13 @@ def triton_cascade():
 def test_fused_kernels_under_the_interpreter():
     names = ("test_fused_kernels_match_reference", "test_triton_cascade_steps", "test_fixed_capacity",
              "test_fill_programs_cuts_shorter_runs",
-             "test_chunked_kernels_match_reference", "test_chunk_flag_follows_each_step")
+             "test_chunked_kernels_match_reference", "test_chunk_flag_follows_each_step",
+             "test_queries_before_rope_match_reference")
     cases = [f"{__file__}::{name}" for name in names]
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *cases]
     proc = subprocess.run(cmd, env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True,
                           timeout=600, cwd=os.path.dirname(__file__))
-    assert proc.returncode == 0 and "18 passed" in proc.stdout, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert proc.returncode == 0 and "22 passed" in proc.stdout, proc.stdout[-4000:] + proc.stderr[-2000:]
 
 
 @pytest.mark.skipif(not (ON_GPU or INTERPRETED), reason="needs a GPU or TRITON_INTERPRET=1 from process start")
@@ -284,6 +285,45 @@ def test_chunked_kernels_match_reference(triton_cascade, seed, g, d, rot, decode
     torch.testing.assert_close(out.cpu(), ref, atol=tol, rtol=tol)
     plain = reference(q, k, v, table, seq_lens, qsl, flat_plan(seq_lens, 8))
     assert not torch.allclose(ref, plain, atol=1e-2)  # chunks mattered
+
+
+@pytest.mark.skipif(not (ON_GPU or INTERPRETED), reason="needs a GPU or TRITON_INTERPRET=1 from process start")
+@pytest.mark.parametrize("seed,chunked,decode", [(3, False, False), (4, False, True), (29, True, False), (2, True, True)])
+def test_queries_before_rope_match_reference(triton_cascade, seed, chunked, decode):
+    """query_rope (the fused Qwen3 class's hand-off): the kernel rotates the model's query before RoPE
+    once per tile, at its position (minus its level's shift on chunk pages). Equal to the torch path
+    given the same query, and to attention of the query the model would have rotated."""
+    from vllm_cascade.attention.plan import token_positions
+    from vllm_cascade.ops.fused_qwen3 import apply_rope_ref
+
+    rng = np.random.default_rng(100 + seed)
+    table, seq_lens, query_lens, num_pages = random_batch(rng, 8, max_rows=6)
+    if decode:
+        query_lens = np.ones_like(query_lens)
+    qsl = np.concatenate([[0], np.cumsum(query_lens)])
+    g, hkv, d = 2, 2, 32
+    chunks = random_chunks(rng, table, num_pages, 8, d, run=6) if chunked else None
+    shifts = None if chunks is None else chunks.shifts
+    plan = plan_cascade(table, seq_lens, query_lens, 8, 3, min_saved_pages=1, min_saved_fraction=0.0, shifts=shifts)
+    assert plan.shared, "the case must have a shared level"
+    rope = cos_sin(d, max_pos=int(seq_lens.max()) + 64)
+    gen = torch.Generator().manual_seed(seed)
+    k, v = torch.randn(2, num_pages, hkv, 8, d, generator=gen)
+    q_raw = torch.randn(int(qsl[-1]), hkv * g, d, generator=gen)
+    device = "cuda" if ON_GPU else "cpu"
+    kernel = triton_cascade.TritonCascade(hkv * g, hkv, 8, d**-0.5, pages_per_item=2, device=device, head_dim=d,
+                                          wide_m=32, query_rope=rope.to(device))
+    if chunks is not None:
+        kernel.set_chunk_tables(chunks.page_valid.to(device), chunks.cos_sin_cache.to(device), 8, table.shape[1])
+    kernel.plan(plan, torch.from_numpy(table).to(device, torch.int32), seq_lens, qsl, shifts)
+    out = torch.full_like(q_raw, float("nan"), device=device)
+    kernel.run(q_raw.to(device), k.to(device), v.to(device), out)
+    ref = torch.empty_like(q_raw)
+    cascade_attention(q_raw, k, v, torch.from_numpy(table), seq_lens, qsl, plan, d**-0.5, ref, chunks, rope)
+    tol = 2e-3 if ON_GPU else 1e-4
+    torch.testing.assert_close(out.cpu(), ref, atol=tol, rtol=tol)
+    q_rot = apply_rope_ref(q_raw, torch.from_numpy(token_positions(seq_lens, qsl)), rope, d)
+    torch.testing.assert_close(reference(q_rot, k, v, table, seq_lens, qsl, plan, chunks), ref, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.skipif(not (ON_GPU or INTERPRETED), reason="needs a GPU or TRITON_INTERPRET=1 from process start")

@@ -30,6 +30,10 @@ class CascadeConfig:
     # layer on the H100, benchmarks/RESULTS.md) or "triton" (the fused kernel, which shifts keys and
     # masks pads per page; also where FlashInfer's split does not fit a step).
     chunk_prefill_kernel: str = "flashinfer"
+    # Who rotates the query: "model" (every model; RoPE applied before attention) or "backend" (the fused
+    # Qwen3 class hands the query before RoPE, models/qwen3.py; each level's query is then rotated once,
+    # at its position plus the level's shift, instead of rotated back from the model's rotation).
+    query_rope: str = "model"
     chunk_persistence_dir: str = ""  # chunks' KV saved here, reloaded by the next engine without prefill ("": off)
     # The chunk registry: chunks may pin this share of the KV pages, at most max_chunks of them; when
     # either is full a registration evicts least recently used chunks no request holds (else: 413).
@@ -56,6 +60,8 @@ class CascadeConfig:
             raise ValueError(f"gpu_kernel must be 'flashinfer' or 'triton', not {config.gpu_kernel!r}")
         if config.chunk_prefill_kernel not in ("flashinfer", "triton"):
             raise ValueError(f"chunk_prefill_kernel must be 'flashinfer' or 'triton', not {config.chunk_prefill_kernel!r}")
+        if config.query_rope not in ("model", "backend"):
+            raise ValueError(f"query_rope must be 'model' or 'backend', not {config.query_rope!r}")
         if not 0.0 < config.chunk_page_ratio <= 1.0:
             raise ValueError(f"chunk_page_ratio must be in (0, 1], not {config.chunk_page_ratio}")
         if config.max_chunks < 1:

@@ -33,7 +33,8 @@ STATS_DIR_ENV = "CASCADE_STATS_DIR"
 INTERVAL_ENV = "CASCADE_STATS_INTERVAL_S"
 _COUNTERS = ("steps", "cascade_steps", "layer_calls", "pages_read", "flat_pages_read", "kv_bytes_read",
              "kv_bytes_flat", "build_ns", "plans_reused",
-             "worklists_advanced", "merge_inputs", "merge_ns", "merge_timed_calls", "chunk_steps")
+             "worklists_advanced", "merge_inputs", "merge_ns", "merge_timed_calls", "chunk_steps",
+             "query_rope_calls")
 _COUNTERS_BY_KEY = ("levels", "level_pages", "level_queries", "paths", "model_steps", "block_table_reads",
                     "steps_by_kind", "build_ns_by_kind")
 
@@ -54,6 +55,7 @@ class AttentionStats:
     merge_ns: int = 0  # measured time of those merges, in the layer calls that timed it (the CPU path)
     merge_timed_calls: int = 0  # layer calls with more than one level whose merge time is in merge_ns
     chunk_steps: int = 0  # builds whose step read chunk pages composed at shifted positions or padded
+    query_rope_calls: int = 0  # layer calls whose query came before RoPE (config query_rope="backend")
     steps_by_kind: Counter = field(default_factory=Counter)  # builds by step kind ("decode", "prefill")
     build_ns_by_kind: Counter = field(default_factory=Counter)  # build_ns by step kind
     levels: Counter = field(default_factory=Counter)  # steps by number of levels

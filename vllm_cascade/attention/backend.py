@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 import torch
-from vllm.config import VllmConfig, get_layers_from_vllm_config
+from vllm.config import VllmConfig, get_current_vllm_config, get_layers_from_vllm_config
 from vllm.model_executor.layers.attention import Attention
 from vllm.v1.attention.backend import (
     AttentionBackend,
@@ -38,6 +38,7 @@ from vllm_cascade.attention.plan import (
     flat_plan,
     plan_cascade,
     split_uniform,
+    token_positions,
 )
 from vllm_cascade.attention.worklist import WorkListTooLarge
 from vllm_cascade.config import SUPPORTED_HEAD_SIZES, CascadeConfig
@@ -94,6 +95,7 @@ class CascadeMetadata:
     plan: CascadePlan
     kernel: FlashInferCascade | TritonCascade | None  # the builder's GPU path, planned for this step
     chunks: ChunkView | None = None  # the step reads chunk pages (torch path; the kernels hold their own)
+    query_rope: torch.Tensor | None = None  # the query comes before RoPE: the model's cos/sin table
 
 
 class CascadeMetadataBuilder(AttentionMetadataBuilder[CascadeMetadata]):
@@ -113,7 +115,8 @@ class CascadeMetadataBuilder(AttentionMetadataBuilder[CascadeMetadata]):
         self.kernel: FlashInferCascade | None = None  # steps with prefill (and all steps with "flashinfer")
         self.decode_kernel: TritonCascade | None = None  # decode steps, fixed buffers (CUDA graphs)
         self.reuse = DecodePlanReuse()  # decode steps of unchanged requests plan once
-        impl = _layer_impls(vllm_config, layer_names)[0]
+        impls = _layer_impls(vllm_config, layer_names)
+        impl = impls[0]
         # Chunk pages of this worker's KV cache (annotated by the engine core through RPCs).
         num_pages = vllm_config.cache_config.num_gpu_blocks or 0
         self.chunk_pages = init_worker_chunk_pages(num_pages, self.page_size, device)
@@ -121,19 +124,27 @@ class CascadeMetadataBuilder(AttentionMetadataBuilder[CascadeMetadata]):
             table, problem = vllm_compat.model_rope_table(impl.head_size)
             self.chunk_pages.cos_sin_cache = None if table is None else table.to(device)
             self.chunk_pages.rope_problem = problem
+        # The model binds every layer's impl (query before RoPE) or none (models/qwen3.py). Queries are
+        # then rotated with the model's own table, as the model would have rotated them.
+        ropes = {id(i.query_rope_module) for i in impls}
+        if len(ropes) > 1:
+            raise RuntimeError(f"{BACKEND_NAME}: layers hand the query with different RoPE modules, or some rotated")
+        module = impl.query_rope_module
+        self.query_rope: torch.Tensor | None = None if module is None else module.cos_sin_cache.to(device)
         self.chunk_kernel: TritonCascade | None = None  # GPU steps with prefill that read chunk pages
         if device.type == "cuda":
             from vllm_cascade.ops.flashinfer_attention import FlashInferCascade
             from vllm_cascade.ops.triton_cascade import TritonCascade
 
             self.kernel = FlashInferCascade(device, impl.num_heads, impl.num_kv_heads, impl.head_size, self.page_size,
-                                            vllm_config.model_config.dtype, impl.scale, self.chunk_pages.cos_sin_cache)
+                                            vllm_config.model_config.dtype, impl.scale, self.chunk_pages.cos_sin_cache,
+                                            query_rope=self.query_rope)
             max_pages = -(-vllm_config.model_config.max_model_len // self.page_size)
             max_rows = vllm_config.scheduler_config.max_num_seqs
             # Chunk steps FlashInfer cannot take (split_uniform finds no exact split), or all of them
             # with chunk_prefill_kernel "triton": the fused kernel shifts keys and masks pads per page.
             self.chunk_kernel = TritonCascade(impl.num_heads, impl.num_kv_heads, self.page_size, impl.scale,
-                                              device=device, head_dim=impl.head_size)
+                                              device=device, head_dim=impl.head_size, query_rope=self.query_rope)
             self._set_chunk_tables(self.chunk_kernel, max_rows, max_pages)
             if self.config.gpu_kernel == "triton":
                 # Any decode step fits: one token per request. One KV run per (tile, level) always
@@ -146,7 +157,7 @@ class CascadeMetadataBuilder(AttentionMetadataBuilder[CascadeMetadata]):
                 # fill_programs: batch-1 decode of 640 keys 38 -> 17 us per layer (kernel_bench, single).
                 self.decode_kernel = TritonCascade(impl.num_heads, impl.num_kv_heads, self.page_size, impl.scale,
                                                    device=device, head_dim=impl.head_size, pages_per_item=32,
-                                                   flat_pages_per_item=64, fill_programs=True,
+                                                   flat_pages_per_item=64, fill_programs=True, query_rope=self.query_rope,
                                                    capacity={"tokens": tokens, "rows": runs, "items": runs})
                 self._set_chunk_tables(self.decode_kernel, max(tokens, max_rows), max_pages)
 
@@ -163,6 +174,11 @@ class CascadeMetadataBuilder(AttentionMetadataBuilder[CascadeMetadata]):
         query_lens = np.diff(query_start_loc)
 
         is_decode = cm.max_query_len <= 1  # else "prefill": any step with a longer query
+        if self.query_rope is not None and cm.positions is not None and cm.positions.device.type == "cpu":
+            # The kernels rotate queries at host positions (token_positions); they must be the model's.
+            model_positions = cm.positions[: cm.num_actual_tokens].numpy()
+            if not np.array_equal(model_positions, token_positions(seq_lens, query_start_loc)):
+                raise RuntimeError(f"{BACKEND_NAME}: query_rope='backend' needs positions = slot index (a text model)")
         reuse_key = self._reuse_key(cm, block_table) if is_decode else None
         plan = self.reuse.get(reuse_key, seq_lens, self.page_size, self.config.min_saved_fraction)
         host_table = None
@@ -228,6 +244,7 @@ class CascadeMetadataBuilder(AttentionMetadataBuilder[CascadeMetadata]):
             plan=plan,
             kernel=kernel,
             chunks=chunks,
+            query_rope=self.query_rope,
         )
 
     def _set_chunk_tables(self, kernel: TritonCascade, max_rows: int, max_pages: int) -> None:
@@ -300,6 +317,17 @@ class CascadeImpl(AttentionImpl[CascadeMetadata]):
         self.kv_cache_dtype = kv_cache_dtype
         self.attn_type = attn_type
         self.kv_sharing_target_layer_name = None
+        # The fused Qwen3 class hands the query before RoPE to an impl that accepts it and then calls
+        # bind_query_rope (models/qwen3.py); vLLM's own models always rotate it.
+        self.accepts_unrotated_query = CascadeConfig.from_vllm(get_current_vllm_config()).query_rope == "backend"
+        self.query_rope_module: torch.nn.Module | None = None  # set when the model hands the query before RoPE
+
+    def bind_query_rope(self, rotary_emb: torch.nn.Module) -> None:
+        """The model hands this layer its query before RoPE; `rotary_emb` is vLLM's RotaryEmbedding
+        whose `cos_sin_cache` [max_position, rot_dim] (cos, then sin; neox) rotated the keys."""
+        if not getattr(rotary_emb, "is_neox_style", False) or not hasattr(rotary_emb, "cos_sin_cache"):
+            raise NotImplementedError(f"{BACKEND_NAME} rotates queries with a neox RoPE table only")
+        self.query_rope_module = rotary_emb
 
     def forward(
         self,
@@ -321,6 +349,7 @@ class CascadeImpl(AttentionImpl[CascadeMetadata]):
         num_tokens = int(attn_metadata.query_start_loc[-1])
         out = output[:num_tokens].view(num_tokens, self.num_heads, self.head_size)
         query = query[:num_tokens].view(num_tokens, self.num_heads, self.head_size)
+        STATS.query_rope_calls += self.query_rope_module is not None
         if attn_metadata.kernel is not None:
             STATS.paths[attn_metadata.kernel.name] += 1
             attn_metadata.kernel.run(query, k_cache, v_cache, out)
@@ -337,6 +366,7 @@ class CascadeImpl(AttentionImpl[CascadeMetadata]):
                 self.scale,
                 out,
                 attn_metadata.chunks,
+                attn_metadata.query_rope,
             )
             if attn_metadata.plan.num_levels > 1:
                 STATS.merge_ns += merge_ns

@@ -391,6 +391,19 @@ def _row_codes(num_rows: int) -> np.ndarray:
     return _ROW_CODES
 
 
+def token_positions(seq_lens: np.ndarray, query_start_loc: np.ndarray) -> np.ndarray:
+    """Each query token's position (vLLM's: its slot index in the request; a row's queries are its
+    last tokens), int64.
+
+    >>> token_positions(np.array([5, 9]), np.array([0, 2, 3])).tolist()
+    [3, 4, 8]
+    """
+    qsl = np.asarray(query_start_loc, dtype=np.int64)
+    query_lens = np.diff(qsl)
+    return np.arange(int(qsl[-1])) + np.repeat(np.asarray(seq_lens, dtype=np.int64) - query_lens - qsl[:-1],
+                                              query_lens)
+
+
 def _index_within(counts: np.ndarray) -> np.ndarray:
     """[0, 1, .., c0-1, 0, 1, .., c1-1, ...] for counts [c0, c1, ...]."""
     counts = np.asarray(counts, dtype=np.int64)

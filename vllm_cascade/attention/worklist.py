@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from vllm_cascade.attention.plan import CascadePlan, _index_within
+from vllm_cascade.attention.plan import CascadePlan, _index_within, token_positions
 
 
 @dataclass(frozen=True)
@@ -89,7 +89,7 @@ def _general_worklist(plan: CascadePlan, seq_lens: np.ndarray, qsl: np.ndarray, 
                       pages_per_item: int, wide: int) -> WorkList:
     num_tokens = int(qsl[-1])
     query_lens = np.diff(qsl)
-    q_pos = np.arange(num_tokens) + np.repeat(seq_lens - query_lens - qsl[:-1], query_lens)
+    q_pos = token_positions(seq_lens, qsl)
     # A tile is (tokens, bt_row, first_page, kv_end, causal, run_pages). A group of queries bigger than
     # `narrow` gets wide tiles. A prefill has tiles enough to fill the GPU: its keys are not split
     # (run_pages = all), so it has no partials to merge.

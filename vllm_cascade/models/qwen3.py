@@ -48,11 +48,13 @@ but before RoPE; keys are still rotated at their absolute positions, so the
 KV cache layout does not change. At build time the model calls the impl's
 `bind_query_rope(rotary_emb)` if it has one; `rotary_emb.cos_sin_cache` is
 [max_position, head_dim], cos in the first half, sin in the second (neox).
-The positions are those of the step's `CommonAttentionMetadata.positions`
-(the same buffer the model gets). The backend can then rotate the query of
+The positions are the model's (`CommonAttentionMetadata.positions`; for a
+text model a row's queries are its last tokens, which is how the CASCADE
+backend computes them on the host). The backend can then rotate the query of
 each level once, at `position - shift` (`ops.fused_qwen3.apply_rope_ref` is
-the exact rotation), instead of un-rotating a rotated query: one rotation,
-no second rounding. With no such impl (every backend today) nothing changes.
+the exact rotation), instead of un-rotating a rotated query: one rotation.
+The CASCADE backend accepts it with `{"cascade": {"query_rope": "backend"}}`
+(attention/backend.py); with any other impl nothing changes.
 
 Selected per model with `hf_overrides={"architectures": ["CascadeQwen3ForCausalLM"]}`
 or for every Qwen3 checkpoint with `CASCADE_FUSED_QWEN3=1` (see plugin.py).

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from vllm_cascade.attention.plan import CascadePlan, _index_within
+from vllm_cascade.attention.plan import CascadePlan, _index_within, token_positions
 
 
 @dataclass(frozen=True)
@@ -118,6 +118,7 @@ class FlashInferCascade:
         dtype: torch.dtype,
         scale: float,
         cos_sin_cache: torch.Tensor | None = None,
+        query_rope: torch.Tensor | None = None,
     ) -> None:
         from flashinfer import (
             BatchDecodeWithPagedKVCacheWrapper,
@@ -128,6 +129,9 @@ class FlashInferCascade:
         self.num_qo_heads, self.num_kv_heads, self.head_dim = num_qo_heads, num_kv_heads, head_dim
         self.page_size, self.dtype, self.scale = page_size, dtype, scale
         self.cos_sin_cache = cos_sin_cache  # the model's RoPE table: rotates queries for chunk segments
+        # Queries come before RoPE (config query_rope="backend"; the model's cos/sin table): the own
+        # level's are rotated at their positions, each shared segment's once at position minus shift.
+        self.query_rope = query_rope
         self.workspace = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
         self.own_wrapper = BatchPrefillWithPagedKVCacheWrapper(self.workspace, "HND")
         self.shared_wrapper = BatchPrefillWithPagedKVCacheWrapper(self.workspace, "HND")  # every shared segment
@@ -138,6 +142,7 @@ class FlashInferCascade:
         self.rotate = False  # the planned step has chunk pages: its gathered queries are rotated
         self._device_runs: dict[str, torch.Tensor] = {}
         self._partials: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # o, lse, gathered queries
+        self._rotated: torch.Tensor | None = None  # with query_rope: the step's queries rotated at their positions
         self._merge_programs = 4 * (torch.cuda.get_device_properties(device).multi_processor_count
                                     if device.type == "cuda" else 1)
 
@@ -179,30 +184,38 @@ class FlashInferCascade:
         else:
             self._plan_level(self.own_wrapper, query_start_loc, kv_indptr, own_pages, kv_lens, causal=True)
         self.runs = None
-        if self.flat:
-            return
-        runs = SharedRuns.of(plan, query_start_loc, self.page_size)
-        self.rotate = plan.shifts is not None
-        if self.rotate and self.cos_sin_cache is None:
-            raise RuntimeError("a step with chunk pages needs the model's RoPE table (cos_sin_cache)")
-        self._plan_level(self.shared_wrapper, runs.qo_indptr, runs.kv_indptr,
-                         torch.from_numpy(runs.pages.astype(np.int32)).to(self.device, non_blocking=True),
-                         runs.kv_lens, causal=False)
-        # One upload of the gather and merge arrays.
-        num_tokens, gathered = int(query_start_loc[-1]), len(runs.tokens)
-        fields = {"tokens": runs.tokens, "rotation": runs.rotation, "contrib_off": runs.contrib_off,
-                  "contrib_row": runs.contrib_row, "num_tokens": [num_tokens]}
-        from vllm_cascade.ops.triton_cascade import pack_aligned
+        num_tokens = int(query_start_loc[-1])
+        fields: dict[str, np.ndarray | list[int]] = {}
+        if self.query_rope is not None:
+            positions = token_positions(seq_lens, query_start_loc)
+            fields.update(all_tokens=np.arange(num_tokens), positions=positions)
+            self._rotated = torch.empty(num_tokens, self.num_qo_heads, self.head_dim, dtype=self.dtype,
+                                        device=self.device)
+        if not self.flat:
+            runs = SharedRuns.of(plan, query_start_loc, self.page_size)
+            self.rotate = plan.shifts is not None or self.query_rope is not None
+            if plan.shifts is not None and self.cos_sin_cache is None:
+                raise RuntimeError("a step with chunk pages needs the model's RoPE table (cos_sin_cache)")
+            self._plan_level(self.shared_wrapper, runs.qo_indptr, runs.kv_indptr,
+                             torch.from_numpy(runs.pages.astype(np.int32)).to(self.device, non_blocking=True),
+                             runs.kv_lens, causal=False)
+            rotation = runs.rotation if self.query_rope is None else runs.rotation + positions[runs.tokens]
+            fields.update(tokens=runs.tokens, rotation=rotation, contrib_off=runs.contrib_off,
+                          contrib_row=runs.contrib_row, num_tokens=[num_tokens])
+            gathered = len(runs.tokens)
+            self._partials = (
+                torch.empty(num_tokens + gathered, self.num_qo_heads, self.head_dim, dtype=self.dtype,
+                            device=self.device),
+                torch.empty(num_tokens + gathered, self.num_qo_heads, dtype=torch.float32, device=self.device),
+                torch.empty(gathered, self.num_qo_heads, self.head_dim, dtype=self.dtype, device=self.device))
+            self.runs = runs
+        if fields:  # one upload of the gather and merge arrays
+            from vllm_cascade.ops.triton_cascade import pack_aligned
 
-        packed, layout = pack_aligned(fields)
-        host = torch.from_numpy(packed)
-        dev = host.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else host
-        self._device_runs = {name: dev[offset : offset + n] for name, (offset, n) in layout.items()}
-        rows = num_tokens + gathered
-        self._partials = (torch.empty(rows, self.num_qo_heads, self.head_dim, dtype=self.dtype, device=self.device),
-                          torch.empty(rows, self.num_qo_heads, dtype=torch.float32, device=self.device),
-                          torch.empty(gathered, self.num_qo_heads, self.head_dim, dtype=self.dtype, device=self.device))
-        self.runs = runs
+            packed, layout = pack_aligned(fields)
+            host = torch.from_numpy(packed)
+            dev = host.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else host
+            self._device_runs = {name: dev[offset : offset + n] for name, (offset, n) in layout.items()}
 
     def _plan_level(self, wrapper, qo_indptr, kv_indptr, kv_indices, kv_lens, causal: bool) -> None:
         kv_lens = np.asarray(kv_lens, dtype=np.int64)
@@ -234,6 +247,11 @@ class FlashInferCascade:
         from vllm_cascade.ops.triton_cascade import gather_rotate, merge_partials
 
         kv = (k_cache, v_cache)
+        runs = self._device_runs
+        raw, table = query, self.cos_sin_cache
+        if self.query_rope is not None:
+            table = self.query_rope
+            query = gather_rotate(raw, runs["all_tokens"], runs["positions"], table, self._rotated)
         if self.flat:
             n = self.num_decode_tokens
             if n:
@@ -242,10 +260,9 @@ class FlashInferCascade:
             return
         o_part, l_part, q_shared = self._partials
         t = query.shape[0]
-        runs = self._device_runs
         self.own_wrapper.run(query, kv, out=o_part[:t], lse=l_part[:t], return_lse=True)
-        if self.rotate:
-            gather_rotate(query, runs["tokens"], runs["rotation"], self.cos_sin_cache, q_shared)
+        if self.rotate:  # with query_rope, `rotation` holds each gathered row's position minus its shift
+            gather_rotate(raw, runs["tokens"], runs["rotation"], table, q_shared)
         else:
             torch.index_select(query, 0, runs["tokens"], out=q_shared)
         self.shared_wrapper.run(q_shared, kv, out=o_part[t:], lse=l_part[t:], return_lse=True)

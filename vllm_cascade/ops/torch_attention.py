@@ -29,7 +29,7 @@ import time
 import numpy as np
 import torch
 
-from vllm_cascade.attention.plan import CascadePlan
+from vllm_cascade.attention.plan import CascadePlan, token_positions
 from vllm_cascade.kv.chunk_pages import ChunkView
 
 
@@ -92,6 +92,7 @@ def cascade_attention(
     scale: float,
     out: torch.Tensor,
     chunks: ChunkView | None = None,
+    query_rope: torch.Tensor | None = None,
 ) -> int:
     """Write attention of every request's queries over its KV into `out`; -> nanoseconds spent
     merging the levels (wall time: this path computes synchronously).
@@ -100,9 +101,17 @@ def cascade_attention(
     plan.own_first_page on; each shared segment runs once over its pages for
     all its requests' queries and is merged in. With `chunks`, pad slots are
     dropped and keys rotated by their page's shift first (kv/chunk_pages.py).
+    With `query_rope` (the model's cos/sin table) the query comes before RoPE
+    (config `query_rope="backend"`): each level rotates it once, at the
+    token's position plus the level's shift.
     """
     page = key_cache.shape[2]
     num_rows = len(seq_lens)
+    raw = None
+    if query_rope is not None:
+        raw = query
+        positions = torch.from_numpy(token_positions(seq_lens, query_start_loc)).to(query.device)
+        query = _rotate(raw, positions, query_rope)
     acc_out: list[torch.Tensor] = []
     acc_lse: list[torch.Tensor] = []
     merge_ns = 0
@@ -124,7 +133,12 @@ def cascade_attention(
             if seg.q_shift is not None and seg.q_shift.any():  # rows holding the pages elsewhere (SharedSegment)
                 lens = np.diff(query_start_loc)[seg.rows]
                 back = torch.from_numpy(-np.repeat(seg.q_shift.astype(np.int64), lens)).to(q.device)
-                q = _rotate(q, back, chunks.cos_sin_cache)
+                if raw is None:
+                    q = _rotate(q, back, chunks.cos_sin_cache)
+                else:  # one rotation of the model's query, at position - shift
+                    seg_tokens = torch.cat([torch.arange(int(query_start_loc[r]), int(query_start_loc[r + 1]))
+                                            for r in rows]).to(q.device)
+                    q = _rotate(raw[seg_tokens], positions[seg_tokens] + back, query_rope)
             o, lse = attend(q, k, v, scale)
             start, t0 = 0, time.perf_counter_ns()
             for r in rows:

@@ -63,11 +63,11 @@ def _partials_kernel(
     Q, K, V, BT, O_PART, L_PART,
     item_q_off, item_q_len, item_bt_row, item_page_start, item_kv_len, item_causal, item_part, item_range,
     q_tokens, q_shift, q_pos,
-    chunk_flag, SHIFTS, PAGE_VALID, COS_SIN,
+    chunk_flag, SHIFTS, PAGE_VALID, COS_SIN, Q_COS_SIN,
     sm_scale_log2,
-    stride_qt, stride_qh, stride_kp, stride_kh, stride_kn, stride_bt, stride_sh, stride_cs,
+    stride_qt, stride_qh, stride_kp, stride_kh, stride_kn, stride_bt, stride_sh, stride_cs, stride_qcs,
     G: tl.constexpr, PAGE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    ROT: tl.constexpr, CHUNKS: tl.constexpr,
+    ROT: tl.constexpr, CHUNKS: tl.constexpr, Q_ROPE: tl.constexpr,
 ):  # fmt: skip
     # Persistent: the grid is fixed, programs stride over the items [range[0], range[1]) read from memory.
     h = tl.program_id(1)
@@ -96,11 +96,13 @@ def _partials_kernel(
         q = tl.load(Q + tok[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :], mask=row_ok[:, None],
                     other=0.0)  # fmt: skip
 
+        q_row = Q + tok * stride_qt + head * stride_qh
         if CHUNKS:
             # Keys are shifted as in the item's naming row (bt_row); a token of another row that holds
             # the pages elsewhere (a shared chunk) needs `dq` more, by rotating its query back.
             dq = tl.load(q_shift + q_off + local, mask=row_ok, other=0)
-            q_row = Q + tok * stride_qt + head * stride_qh
+            if Q_ROPE:  # the model's query before RoPE: one rotation, at its position minus the shift
+                dq = dq - pos
             # An item usually lies within one chunk (or the tail): one shift for all its keys. Then the
             # query is rotated once instead (q . R(s)k = R(-s)q . k) and the loop only masks pads.
             first = tl.load(SHIFTS + bt_row * stride_sh + page_start)
@@ -110,18 +112,20 @@ def _partials_kernel(
                 sh = tl.load(SHIFTS + bt_row * stride_sh + page_start + n // PAGE, mask=n < kv_len, other=first)
                 spread = tl.maximum(spread, tl.max(tl.abs(sh - first)))
             if spread == 0:
-                q_first = _rotate_rows(q, q_row, -(first + dq), row_ok, COS_SIN, stride_cs, HEAD_DIM, ROT)
+                q_first = _rotate_rows(q, q_row, -(first + dq), row_ok, Q_COS_SIN, stride_qcs, HEAD_DIM, ROT)
                 m_i, l_i, acc = _kv_run(q_first, pos, row_ok, causal, kv_len, page_start, bt_row, h, K, V, BT, SHIFTS,
                                         PAGE_VALID, COS_SIN, sm_scale_log2, stride_kp, stride_kh, stride_kn,
                                         stride_bt, stride_sh, stride_cs, PAGE, HEAD_DIM, BLOCK_M, BLOCK_N, ROT, True,
                                         False)
             else:
-                q_own = _rotate_rows(q, q_row, -dq, row_ok, COS_SIN, stride_cs, HEAD_DIM, ROT)
+                q_own = _rotate_rows(q, q_row, -dq, row_ok, Q_COS_SIN, stride_qcs, HEAD_DIM, ROT)
                 m_i, l_i, acc = _kv_run(q_own, pos, row_ok, causal, kv_len, page_start, bt_row, h, K, V, BT, SHIFTS,
                                         PAGE_VALID, COS_SIN, sm_scale_log2, stride_kp, stride_kh, stride_kn,
                                         stride_bt, stride_sh, stride_cs, PAGE, HEAD_DIM, BLOCK_M, BLOCK_N, ROT, True,
                                         True)
         else:
+            if Q_ROPE:
+                q = _rotate_rows(q, q_row, pos, row_ok, Q_COS_SIN, stride_qcs, HEAD_DIM, ROT)
             m_i, l_i, acc = _kv_run(q, pos, row_ok, causal, kv_len, page_start, bt_row, h, K, V, BT, SHIFTS,
                                     PAGE_VALID, COS_SIN, sm_scale_log2, stride_kp, stride_kh, stride_kn, stride_bt,
                                     stride_sh, stride_cs, PAGE, HEAD_DIM, BLOCK_M, BLOCK_N, ROT, False, False)
@@ -241,6 +245,7 @@ def cascade_attention_triton(
     chunk_tables: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     launches: tuple[Launch, Launch] | None = None,
     chunks: bool | None = None,
+    query_rope: torch.Tensor | None = None,
 ) -> None:
     """q [T, Hq, D]; k/v caches [pages, Hkv, N, D] (same strides, last dim contiguous); out [T, Hq, D].
 
@@ -253,6 +258,8 @@ def cascade_attention_triton(
     `launches` = (wide, narrow) settings; default: `default_launch`.
     `chunks`: the step's chunk_flag if the caller knows it (one specialization launched), None
     under graph capture (both, each finding items only when the flag matches it at replay).
+    `query_rope`: q comes before RoPE (config query_rope="backend"); each tile rotates it once, at
+    its position (`q_pos`) minus its level's shift, with this table (the model's cos/sin cache).
     """
     num_heads, head_dim = q.shape[1:]
     num_kv_heads, page = k_cache.shape[1], k_cache.shape[2]
@@ -261,6 +268,9 @@ def cascade_attention_triton(
     o_part, l_part = partials
     shifts, page_valid, cos_sin = chunk_tables
     assert cos_sin.shape[1] % 2 == 0 and 2 <= cos_sin.shape[1] <= head_dim
+    # Queries are rotated back for shared chunks with the key table, or from scratch with the model's.
+    q_cos_sin = cos_sin if query_rope is None else query_rope
+    assert q_cos_sin.shape[1] == cos_sin.shape[1] and q_cos_sin.stride(1) == 1
     assert shifts.stride(1) == 1 and cos_sin.stride(1) == 1 and page_valid.dtype == torch.int32
     item_range = wl["item_range"]
     kinds = (False, True) if chunks is None else (chunks,)
@@ -276,12 +286,12 @@ def cascade_attention_triton(
                 q, k_cache, v_cache, block_table, o_part, l_part,
                 wl["q_off"], wl["q_len"], wl["bt_row"], wl["page_start"], wl["kv_len"], wl["causal"], wl["item_part"],
                 bounds, wl["q_tokens"], wl["q_shift"], wl["q_pos"],
-                wl["chunk_flag"], shifts, page_valid, cos_sin,
+                wl["chunk_flag"], shifts, page_valid, cos_sin, q_cos_sin,
                 scale * 1.4426950408889634,
                 q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_table.stride(0),
-                shifts.stride(0), cos_sin.stride(0),
+                shifts.stride(0), cos_sin.stride(0), q_cos_sin.stride(0),
                 G=g, PAGE=page, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=launch.block_n, ROT=cos_sin.shape[1],
-                CHUNKS=with_chunks, **launch.kwargs(),
+                CHUNKS=with_chunks, Q_ROPE=query_rope is not None, **launch.kwargs(),
             )  # fmt: skip
     merge_partials(o_part, l_part, out, wl["contrib_off"], wl["contrib_row"], wl["num_tokens"], programs)
 
@@ -401,8 +411,10 @@ class TritonCascade:
                  pages_per_item: int = 16, device: torch.device | str = "cuda", head_dim: int = 128,
                  wide_m: int = 64, capacity: dict[str, int] | None = None,
                  launches: tuple[Launch, Launch] | None = None, flat_pages_per_item: int | None = None,
-                 programs_per_sm: int = 4, fill_programs: bool = False) -> None:
+                 programs_per_sm: int = 4, fill_programs: bool = False,
+                 query_rope: torch.Tensor | None = None) -> None:
         self.num_qo_heads, self.group = num_qo_heads, num_qo_heads // num_kv_heads
+        self.query_rope = query_rope  # queries come before RoPE: the model's cos/sin table rotates them
         self.page_size, self.scale, self.pages_per_item = page_size, scale, pages_per_item
         # Steps without shared levels stream each row's keys alone: longer runs per item pay there.
         self.flat_pages_per_item = flat_pages_per_item or pages_per_item
@@ -568,7 +580,7 @@ class TritonCascade:
         cascade_attention_triton(query, k_cache, v_cache, self.block_table, self.worklist, self.scale, out,
                                  self.partials, self.wide_m, self.programs,
                                  (self._shifts, self._page_valid, self._cos_sin), self.launches,
-                                 chunks=None if capturing else self.chunked)
+                                 chunks=None if capturing else self.chunked, query_rope=self.query_rope)
 
     def _allocate(self, capacity: dict[str, int]) -> None:
         """New regions (pointers change: a captured graph must be captured again after this)."""
