@@ -22,6 +22,7 @@ import pathlib
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -371,6 +372,7 @@ def test_query_before_rope_is_rotated_by_the_backend(tiny_model, session_tmp, en
                                   SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True))
             got_chunks = [list(o.outputs[0].token_ids) for o in outs]
             cached = [o.num_cached_tokens for o in outs]
+            time.sleep(1.0)  # the worker's flusher writes what changed within 0.25 s (stats.py)
             stats = engine.stats()
         finally:
             engine.shutdown()

@@ -67,6 +67,8 @@ class AttentionStats:
     _last_dump: float = field(default=0.0, repr=False)
     _dirty: bool = field(default=False, repr=False)
     _flusher: threading.Thread | None = field(default=None, repr=False)
+    # The flusher thread snapshots while the step runs: one call's counters change together.
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def record_step(
         self, num_levels: int, level_pages: list[int], level_queries: list[int], flat_pages: int, page_bytes: int
@@ -89,6 +91,18 @@ class AttentionStats:
             self._flusher = threading.Thread(target=self._flush_loop, name="cascade-stats", daemon=True)
             self._flusher.start()
 
+    def record_layer_call(self, path: str, query_rope: bool, merge_ns: int | None = None) -> None:
+        """One attention call that computed something (eager calls; a replayed CUDA graph calls no
+        Python): its kernel path, whether it rotated the query itself, the merge time it measured."""
+        with self._lock:
+            self.layer_calls += 1
+            self.paths[path] += 1
+            self.query_rope_calls += query_rope
+            if merge_ns is not None:
+                self.merge_ns += merge_ns
+                self.merge_timed_calls += 1
+            self._dirty = True
+
     def record_build(self, kind: str, spent_ns: int) -> None:
         """The builder's host time for one step of `kind` ("decode" or "prefill")."""
         self.build_ns += spent_ns
@@ -103,9 +117,10 @@ class AttentionStats:
                 self.maybe_dump(force=True)
 
     def snapshot(self) -> dict:
-        data = {k: getattr(self, k) for k in _COUNTERS}
-        for k in _COUNTERS_BY_KEY:
-            data[k] = dict(getattr(self, k))
+        with self._lock:
+            data = {k: getattr(self, k) for k in _COUNTERS}
+            for k in _COUNTERS_BY_KEY:
+                data[k] = dict(getattr(self, k))
         data["pid"] = os.getpid()
         return data
 

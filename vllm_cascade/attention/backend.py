@@ -349,13 +349,13 @@ class CascadeImpl(AttentionImpl[CascadeMetadata]):
         num_tokens = int(attn_metadata.query_start_loc[-1])
         out = output[:num_tokens].view(num_tokens, self.num_heads, self.head_size)
         query = query[:num_tokens].view(num_tokens, self.num_heads, self.head_size)
-        STATS.query_rope_calls += self.query_rope_module is not None
+        merge_ns = None
         if attn_metadata.kernel is not None:
-            STATS.paths[attn_metadata.kernel.name] += 1
+            path = attn_metadata.kernel.name
             attn_metadata.kernel.run(query, k_cache, v_cache, out)
         else:
-            STATS.paths["torch"] += 1
-            merge_ns = torch_attention.cascade_attention(
+            path = "torch"
+            spent_ns = torch_attention.cascade_attention(
                 query,
                 k_cache,
                 v_cache,
@@ -368,10 +368,8 @@ class CascadeImpl(AttentionImpl[CascadeMetadata]):
                 attn_metadata.chunks,
                 attn_metadata.query_rope,
             )
-            if attn_metadata.plan.num_levels > 1:
-                STATS.merge_ns += merge_ns
-                STATS.merge_timed_calls += 1
-        STATS.layer_calls += 1
+            merge_ns = spent_ns if attn_metadata.plan.num_levels > 1 else None
+        STATS.record_layer_call(path, self.query_rope_module is not None, merge_ns)
         return output
 
     def do_kv_cache_update(
