@@ -28,7 +28,7 @@ def resource_usage(fn, constexprs: dict, num_warps: int, num_stages: int | None,
     from triton.compiler import ASTSource
 
     floats = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "OUT": "*bf16", "O_PART": "*fp32", "L_PART": "*fp32",
-              "COS_SIN": "*fp32", **(pointers or {})}
+              "COS_SIN": "*fp32", "Q_COS_SIN": "*bf16", **(pointers or {})}  # the model's table: its dtype
 
     def arg_type(name: str) -> str:
         if name in constexprs:
@@ -64,22 +64,30 @@ def main() -> None:
     ap.add_argument("--page", type=int, default=16)
     args = ap.parse_args()
 
-    from vllm_cascade.ops.triton_cascade import NARROW_M, Launch, _partials_kernel
+    from vllm_cascade.ops.triton_cascade import NARROW_M, Launch, _partials_kernel, default_launch
 
-    # (tile rows, launch): the backend's wide and narrow launches, then settings kernel_bench sweeps.
+    # (tile rows, launch): settings kernel_bench sweeps; each specialization also gets the backend's own
+    # wide and narrow launches (default_launch), marked "*".
     launches = [(64, Launch(num_warps=4)), (NARROW_M, Launch()), (64, Launch(num_warps=8, num_stages=2)),
                 (NARROW_M, Launch(num_warps=8)), (128, Launch(num_warps=8)), (64, Launch(block_n=64, num_warps=8))]
     print(f"sm_{args.arch}, head dim {args.head_dim}, G {args.group}, page {args.page}")
     print(f"{'specialization':<15} {'rows':>5} {'keys':>5} {'warps':>6} {'stages':>7} {'registers':>10} {'stack':>6} "
           f"{'spill stores':>13}")
-    for chunks in (False, True):
-        for rows, launch in launches:
-            constexprs = {"G": args.group, "PAGE": args.page, "HEAD_DIM": args.head_dim, "BLOCK_M": rows,
-                          "BLOCK_N": launch.block_n, "ROT": args.head_dim, "CHUNKS": chunks}
-            use = resource_usage(_partials_kernel, constexprs, launch.num_warps, launch.num_stages, args.arch)
-            print(f"{'chunks' if chunks else 'plain':<15} {rows:>5} {launch.block_n:>5} {launch.num_warps:>6} "
-                  f"{launch.num_stages or '-':>7} {use['registers']:>10} {use['stack']:>6} {use['spill_stores']:>13}",
-                  flush=True)
+    def backend(chunks: bool) -> list[tuple[int, Launch]]:
+        return [(64, default_launch(True, 64, chunks)), (NARROW_M, default_launch(False, 64, chunks))]
+
+    # Q_ROPE (config query_rope="backend"): the backend's launches only.
+    cases = [(chunks, False, rows, launch, mark) for chunks in (False, True)
+             for (rows, launch), mark in [*((b, "*") for b in backend(chunks)), *((x, "") for x in launches)]]
+    cases += [(chunks, True, rows, launch, "*") for chunks in (False, True) for rows, launch in backend(chunks)]
+    for chunks, q_rope, rows, launch, mark in cases:
+        constexprs = {"G": args.group, "PAGE": args.page, "HEAD_DIM": args.head_dim, "BLOCK_M": rows,
+                      "BLOCK_N": launch.block_n, "ROT": args.head_dim, "CHUNKS": chunks, "Q_ROPE": q_rope}
+        use = resource_usage(_partials_kernel, constexprs, launch.num_warps, launch.num_stages, args.arch)
+        name = ("chunks" if chunks else "plain") + (" + q rope" if q_rope else "") + mark
+        print(f"{name:<15} {rows:>5} {launch.block_n:>5} {launch.num_warps:>6} "
+              f"{launch.num_stages or '-':>7} {use['registers']:>10} {use['stack']:>6} {use['spill_stores']:>13}",
+              flush=True)
     # The chunk_prefill_kernel="flashinfer" path's own kernels: the query gather-rotate and the merge of
     # FlashInfer's bf16 partials (as FlashInferCascade launches them).
     from vllm_cascade.ops.triton_cascade import _gather_rotate_kernel, _merge_kernel
