@@ -67,7 +67,8 @@ class AttentionStats:
     _last_dump: float = field(default=0.0, repr=False)
     _dirty: bool = field(default=False, repr=False)
     _flusher: threading.Thread | None = field(default=None, repr=False)
-    # The flusher thread snapshots while the step runs: one call's counters change together.
+    # The flusher thread snapshots while the step runs: one record's counters change together (and a
+    # Counter is never copied while a new key goes in).
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def record_step(
@@ -75,17 +76,18 @@ class AttentionStats:
     ) -> None:
         """One step's plan; `level_*` lists end with the own level; `page_bytes` covers all layers."""
         pages = sum(level_pages)
-        self.steps += 1
-        self.cascade_steps += num_levels > 1
-        self.pages_read += pages
-        self.flat_pages_read += flat_pages
-        self.kv_bytes_read += pages * page_bytes
-        self.kv_bytes_flat += flat_pages * page_bytes
-        self.levels[str(num_levels)] += 1
         names = [str(i) for i in range(len(level_pages) - 1)] + ["own"]
-        self.level_pages.update(dict(zip(names, level_pages)))
-        self.level_queries.update(dict(zip(names, level_queries)))
-        self._dirty = True
+        with self._lock:
+            self.steps += 1
+            self.cascade_steps += num_levels > 1
+            self.pages_read += pages
+            self.flat_pages_read += flat_pages
+            self.kv_bytes_read += pages * page_bytes
+            self.kv_bytes_flat += flat_pages * page_bytes
+            self.levels[str(num_levels)] += 1
+            self.level_pages.update(dict(zip(names, level_pages)))
+            self.level_queries.update(dict(zip(names, level_queries)))
+            self._dirty = True
         self.maybe_dump()
         if self._flusher is None and os.environ.get(STATS_DIR_ENV):
             self._flusher = threading.Thread(target=self._flush_loop, name="cascade-stats", daemon=True)
@@ -105,10 +107,11 @@ class AttentionStats:
 
     def record_build(self, kind: str, spent_ns: int) -> None:
         """The builder's host time for one step of `kind` ("decode" or "prefill")."""
-        self.build_ns += spent_ns
-        self.build_ns_by_kind[kind] += spent_ns
-        self.steps_by_kind[kind] += 1
-        self._dirty = True  # the daemon thread writes it
+        with self._lock:
+            self.build_ns += spent_ns
+            self.build_ns_by_kind[kind] += spent_ns
+            self.steps_by_kind[kind] += 1
+            self._dirty = True  # the daemon thread writes it
 
     def _flush_loop(self) -> None:
         while True:
