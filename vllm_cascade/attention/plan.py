@@ -404,6 +404,18 @@ def token_positions(seq_lens: np.ndarray, query_start_loc: np.ndarray) -> np.nda
                                               query_lens)
 
 
+def rows_tokens(query_start_loc: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The query tokens of `rows` (indices into the step's tokens, row after row) and each row's count.
+
+    >>> tokens, lens = rows_tokens(np.array([0, 2, 3, 6]), np.array([2, 0]))
+    >>> tokens.tolist(), lens.tolist()
+    ([3, 4, 5, 0, 1], [3, 2])
+    """
+    qsl = np.asarray(query_start_loc, dtype=np.int64)
+    lens = qsl[rows + 1] - qsl[rows]
+    return np.repeat(qsl[rows], lens) + _index_within(lens), lens
+
+
 def _index_within(counts: np.ndarray) -> np.ndarray:
     """[0, 1, .., c0-1, 0, 1, .., c1-1, ...] for counts [c0, c1, ...]."""
     counts = np.asarray(counts, dtype=np.int64)

@@ -27,7 +27,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from vllm_cascade.attention.plan import CascadePlan, _index_within, token_positions
+from vllm_cascade.attention.plan import (
+    CascadePlan,
+    _index_within,
+    rows_tokens,
+    token_positions,
+)
 
 
 @dataclass(frozen=True)
@@ -112,8 +117,7 @@ def _general_worklist(plan: CascadePlan, seq_lens: np.ndarray, qsl: np.ndarray, 
     seg_tiles: list[tuple] = []  # tokens, bt_row, first_page, kv_end, wide, q_shift
     for level in plan.shared:
         for seg in level:
-            lens = query_lens[seg.rows]
-            tokens = np.repeat(qsl[seg.rows], lens) + _index_within(lens)
+            tokens, lens = rows_tokens(qsl, seg.rows)
             q_shift = np.repeat(_q_shift(seg), lens)
             is_wide = len(tokens) > narrow < wide
             step = wide if is_wide else narrow

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from vllm_cascade.attention.plan import CascadePlan, _index_within, token_positions
+from vllm_cascade.attention.plan import CascadePlan, rows_tokens, token_positions
 
 
 @dataclass(frozen=True)
@@ -78,8 +78,8 @@ class SharedRuns:
         num_tokens = int(qsl[-1])
         tokens, rotation, seg_q = [], [], []
         for s in segments:
-            lens = qsl[s.rows + 1] - qsl[s.rows]
-            tokens.append(np.repeat(qsl[s.rows], lens) + _index_within(lens))
+            seg_tokens, lens = rows_tokens(qsl, s.rows)
+            tokens.append(seg_tokens)
             shift = 0 if plan.shifts is None else int(plan.shifts[s.rows[0], s.first_page])
             shift = shift + (0 if s.q_shift is None else s.q_shift.astype(np.int64))
             rotation.append(np.repeat(-np.broadcast_to(shift, len(s.rows)), lens))

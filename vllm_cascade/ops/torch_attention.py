@@ -29,7 +29,7 @@ import time
 import numpy as np
 import torch
 
-from vllm_cascade.attention.plan import CascadePlan, token_positions
+from vllm_cascade.attention.plan import CascadePlan, rows_tokens, token_positions
 from vllm_cascade.kv.chunk_pages import ChunkView
 
 
@@ -107,10 +107,9 @@ def cascade_attention(
     """
     page = key_cache.shape[2]
     num_rows = len(seq_lens)
-    raw = None
+    positions = torch.from_numpy(token_positions(seq_lens, query_start_loc)).to(query.device)
+    raw = query
     if query_rope is not None:
-        raw = query
-        positions = torch.from_numpy(token_positions(seq_lens, query_start_loc)).to(query.device)
         query = _rotate(raw, positions, query_rope)
     acc_out: list[torch.Tensor] = []
     acc_lse: list[torch.Tensor] = []
@@ -120,8 +119,7 @@ def cascade_attention(
         seq_len, first = int(seq_lens[r]), int(plan.own_first_page[r])
         pages = block_table[r, first : (seq_len + page - 1) // page]
         k, v, k_pos = _keys(key_cache, value_cache, pages, r, first, seq_len - first * page, chunks)
-        q_pos = torch.arange(seq_len - (q1 - q0), seq_len, device=query.device)
-        o, lse = attend(query[q0:q1], k, v, scale, q_pos=q_pos, k_pos0=k_pos)
+        o, lse = attend(query[q0:q1], k, v, scale, q_pos=positions[q0:q1], k_pos0=k_pos)
         acc_out.append(o)
         acc_lse.append(lse)
     for level in plan.shared:
@@ -129,16 +127,15 @@ def cascade_attention(
             rows = [int(r) for r in seg.rows]
             pages = torch.as_tensor(seg.pages, device=key_cache.device)
             k, v, _ = _keys(key_cache, value_cache, pages, rows[0], seg.first_page, len(seg.pages) * page, chunks)
-            q = torch.cat([query[int(query_start_loc[r]) : int(query_start_loc[r + 1])] for r in rows])
+            tokens, lens = rows_tokens(query_start_loc, seg.rows)
+            tokens = torch.from_numpy(tokens).to(query.device)
+            q = query[tokens]
             if seg.q_shift is not None and seg.q_shift.any():  # rows holding the pages elsewhere (SharedSegment)
-                lens = np.diff(query_start_loc)[seg.rows]
                 back = torch.from_numpy(-np.repeat(seg.q_shift.astype(np.int64), lens)).to(q.device)
-                if raw is None:
+                if query_rope is None:
                     q = _rotate(q, back, chunks.cos_sin_cache)
                 else:  # one rotation of the model's query, at position - shift
-                    seg_tokens = torch.cat([torch.arange(int(query_start_loc[r]), int(query_start_loc[r + 1]))
-                                            for r in rows]).to(q.device)
-                    q = _rotate(raw[seg_tokens], positions[seg_tokens] + back, query_rope)
+                    q = _rotate(raw[tokens], positions[tokens] + back, query_rope)
             o, lse = attend(q, k, v, scale)
             start, t0 = 0, time.perf_counter_ns()
             for r in rows:
