@@ -20,7 +20,8 @@
 # 0.6B and 8B configs; model-check-unit: 0.6B with unit norm weights, so folding them is exact),
 # chunks-bench (chunks-profile: orders only, in-process engines, the first steps profiled; chunks-fi: stock,
 # CASCADE and CASCADE with chunk_prefill_kernel=triton; fi-tests: the FlashInfer path's tests), nosharing
-# (throughput of nosharing and shared, FLASHINFER and CASCADE). With no STEP: throughput
+# (throughput of nosharing and shared, FLASHINFER and CASCADE), ceiling (throughput's short, shared and groups:
+# FLASHINFER, CASCADE, CASCADE with the fused Qwen3 class). With no STEP: throughput
 # gpu-check gpu-tests kernel-bench. A step that fails does not stop the next;
 # each step's log says how it ended.
 set -u
@@ -50,6 +51,8 @@ run_step() {
     chunks-fi) python3 benchmarks/chunks_bench.py --model $M --backends FLASHINFER,CASCADE,CASCADE:chunk_prefill_kernel=triton \
                    --log-dir "$RUN" ;;
     chunks-profile) python3 benchmarks/chunks_bench.py --model $M --variants orders --backends ${CHUNKS_BACKENDS:-FLASHINFER,CASCADE} --profile-steps 3 --log-dir "$RUN" ;;
+    ceiling) python3 benchmarks/throughput.py --model $M --workloads short,shared,groups \
+                 --backends FLASHINFER,CASCADE,CASCADE:model=fused --log-dir "$RUN" ;;
     nosharing) python3 benchmarks/throughput.py --model $M --workloads nosharing,shared --backends FLASHINFER,CASCADE \
                    --log-dir "$RUN" ;;
     model-check-unit) python3 benchmarks/model_check.py --model $M --unit-norms --log-dir "$RUN" ;;
@@ -72,18 +75,21 @@ start)
     steps="${*:-throughput gpu-check gpu-tests kernel-bench}"
     mkdir -p "$RUN"
     export RUN
+    # A step that hangs (a stuck engine start) is killed after STEP_TIMEOUT_S (rc 124), not the queue.
     setsid nohup bash -c '
         source benchmarks/device_env.sh
-        source <(sed -n "/^run_step()/,/^}/p" benchmarks/device_session.sh)
-        M='"$M"'
         for name in '"$steps"'; do
             echo "$(date +%T) start $name" >> "$RUN/progress"
-            run_step "$name" > "$RUN/$name.log" 2>&1; rc=$?
+            timeout -k 10 "${STEP_TIMEOUT_S:-900}" bash benchmarks/device_session.sh step "$name" \
+                > "$RUN/$name.log" 2>&1; rc=$?
             echo "$(date +%T) end $name rc=$rc" >> "$RUN/progress"
         done
         echo "$(date +%T) all done" >> "$RUN/progress"
     ' > "$RUN/session.log" 2>&1 < /dev/null &
     echo "started in the background: $steps; poll with: bash benchmarks/device_session.sh poll"
+    ;;
+step)  # one step in the foreground (what start runs for each)
+    run_step "$2"
     ;;
 poll)
     cat "$RUN/progress" 2>/dev/null || echo "nothing started"

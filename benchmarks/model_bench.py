@@ -43,9 +43,9 @@ import tempfile
 import time
 from typing import Any
 
+from harness import FUSED_MODEL as FUSED
 from harness import run_script
 
-FUSED = {"hf_overrides": {"architectures": ["CascadeQwen3ForCausalLM"]}}
 VARIANTS: dict[str, dict[str, Any]] = {
     "stock": {},
     "fused": FUSED,

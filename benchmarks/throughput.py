@@ -5,8 +5,16 @@ every workload runs once to warm (compile, prefix cache) and once timed with
 fresh tails; output tokens per second of the timed run. Qwen3 config with
 `load_format="dummy"`, bf16, prefix caching on, greedy, `ignore_eos`.
 
-    python benchmarks/throughput.py --model .models/qwen3-0.6b [--workloads shared,groups,single,nosharing]
+`short` is not an ANCHORS workload: the shared and groups batch (64 requests,
+256 new tokens) with only the 64-token tails as prompts, so attention reads at
+most 320 keys per request. Its tokens/s is what a backend reaches when long
+contexts cost next to nothing; divided by the best stock tokens/s of shared or
+groups, it is the ratio that attention alone could still win there (printed as
+"ceiling" when `short` runs with them).
+
+    python benchmarks/throughput.py --model .models/qwen3-0.6b [--workloads shared,groups,single,nosharing,short]
         [--backends FLASH_ATTN,FLASHINFER,CASCADE,CASCADE:flashinfer]   # CASCADE:<gpu_kernel>
+        # CASCADE:model=fused: with the fused Qwen3 class (harness.engine_backend)
 """
 
 from __future__ import annotations
@@ -38,6 +46,8 @@ def workload(name: str, rng: random.Random, fixed: random.Random) -> tuple[list[
         return [_tokens(rng, 128)], 512
     if name == "nosharing":
         return [_tokens(rng, 4096) for _ in range(64)], 256
+    if name == "short":
+        return [_tokens(rng, 64) for _ in range(64)], 256
     raise ValueError(name)
 
 
@@ -80,6 +90,25 @@ def main() -> None:
         stock = max((v for b, v in row.items() if not b.startswith("CASCADE")), default=None)
         ratios = "".join(f"   {row[b] / stock:>21.2f}x" if stock and b in row else f"   {'-':>22}" for b in cascades)
         print(f"{name:<10} " + " ".join(f"{row.get(b, float('nan')):>15.0f}" for b in table) + ratios)
+    print_ceilings(table, args.workloads.split(","))
+
+
+def print_ceilings(table: dict[str, dict], workloads: list[str]) -> None:
+    """Per backend: its `short` tokens/s over the best stock tokens/s of each long-context workload."""
+    long = [w for w in workloads if w in ("shared", "groups")]
+    if "short" not in workloads or not long:
+        return
+    print("\nceiling (a backend's short tok/s / best stock tok/s of the workload): what attention could still win")
+    for backend, rows in table.items():
+        if "short" not in rows:
+            continue
+        parts = []
+        for name in long:
+            stock = max((table[b][name]["tok_per_s"] for b in table
+                         if not b.startswith("CASCADE") and name in table[b]), default=None)
+            if stock:
+                parts.append(f"{name} {rows['short']['tok_per_s'] / stock:.2f}x")
+        print(f"  {backend:<24} " + ", ".join(parts))
 
 if __name__ == "__main__":
     main()
