@@ -7,7 +7,8 @@
 #   bash benchmarks/device_session.sh poll            # progress; copies finished logs to $OUT
 #
 # Steps run in the order given (a machine is held 30 minutes at most, so put
-# first what matters most): host-bench, step-profile, throughput, gpu-check,
+# first what matters most): host-bench, step-profile, throughput, gpu-check (gpu-check-workloads: on the shared and
+# groups prompts, against FLASH_ATTN and FLASHINFER),
 # gpu-tests (the end-to-end chunk tests first; triton-tests: the kernel tests alone), kernel-bench (the nosharing and shared decode shapes;
 # kernel-shared: the shared shape alone (kernel-breakdown: with each kernel of a layer profiled); fused-tests: test_fused_qwen3.py; branch-fi, branch-triton, branch-kernel, branch-chunks: fi-tests, test_triton_cascade, kernel-breakdown and stock FLASHINFER against CASCADE's chunks_bench on the tree
 # unpacked in .branch; chunk-tests: the end-to-end chunk tests alone; rope-tests: the kernel tests of chunk steps and
@@ -34,6 +35,8 @@ run_step() {
                       --backends FLASH_ATTN,CASCADE --log-dir "$RUN" ;;
     throughput) python3 benchmarks/throughput.py --model $M --backends FLASHINFER,CASCADE,FLASH_ATTN --log-dir "$RUN" ;;
     gpu-check) python3 benchmarks/gpu_check.py --model $M --backends FLASH_ATTN,CASCADE --log-dir "$RUN" ;;
+    gpu-check-workloads) python3 benchmarks/gpu_check.py --model $M --backends FLASH_ATTN,FLASHINFER,CASCADE \
+                             --workloads shared,groups --log-dir "$RUN" ;;
     gpu-tests) python3 -m pytest -q tests/test_chunk_pages.py tests/test_gpu_attention.py tests/test_uniform_segments.py tests/test_triton_cascade.py tests/test_fused_qwen3.py ;;
     triton-tests) python3 -m pytest -q tests/test_triton_cascade.py tests/test_uniform_segments.py tests/test_chunk_pages.py ;;
     fi-tests) python3 -m pytest -q tests/test_gpu_attention.py tests/test_uniform_segments.py ;;

@@ -9,26 +9,38 @@ and the largest |logprob| difference over the common prefix. FLASHINFER vs
 FLASH_ATTN gives the noise two correct bf16 backends show; CASCADE is held to
 the same tolerance.
 
-    python benchmarks/gpu_check.py --model .models/qwen3-0.6b --tokens 64
+Workloads: `small` (one request alone, then 8 sharing a 1024-token prefix) and
+throughput.py's `shared` and `groups` prompts (64 requests; an 8192-token
+prefix for all, or a 512-token system prefix and a 4096-token document per 16),
+the timed run's tails.
+
+    python benchmarks/gpu_check.py --model .models/qwen3-0.6b --tokens 64 [--workloads small,shared,groups]
 """
 
 from __future__ import annotations
 
 import json
 import os
+import random
 import tempfile
 
 from harness import backend_arguments, engine_backend, run_per_backend, stats_line
+from throughput import workload
 
 BACKENDS = ["FLASH_ATTN", "FLASHINFER", "CASCADE"]
 
 
 def prompts(n: int, shared: int, vocab: int = 150000) -> list[list[int]]:
-    import random
-
     rng = random.Random(0)
     prefix = [rng.randrange(100, vocab) for _ in range(shared)]
     return [prefix + [rng.randrange(100, vocab) for _ in range(rng.randrange(5, 200))] for _ in range(n)]
+
+
+def batches(name: str) -> list[list[list[int]]]:
+    """A workload's prompts, in the batches generate() gets them."""
+    if name == "small":
+        return [[prompts(1, 0)[0]], prompts(8, 1024)]
+    return [workload(name, random.Random(f"{name}-timed"), random.Random(name))[0]]
 
 
 def run_one(args) -> None:
@@ -39,17 +51,20 @@ def run_one(args) -> None:
         skip_tokenizer_init=True,
         dtype="bfloat16",
         **engine_backend(args.backend),
-        max_model_len=4096,
+        max_model_len=10240,
         gpu_memory_utilization=0.6,
         seed=0,
     )
     params = SamplingParams(max_tokens=args.tokens, temperature=0.0, ignore_eos=True, logprobs=1)
-    result = []
-    for batch in ([prompts(1, 0)[0]], prompts(8, 1024)):
-        outs = llm.generate([{"prompt_token_ids": p} for p in batch], params)
-        for o in outs:
-            c = o.outputs[0]
-            result.append({"ids": list(c.token_ids), "lps": [lp[t].logprob for t, lp in zip(c.token_ids, c.logprobs)]})
+    result = {}
+    for name in args.workloads.split(","):
+        result[name] = []
+        for batch in batches(name):
+            outs = llm.generate([{"prompt_token_ids": p} for p in batch], params, use_tqdm=False)
+            for o in outs:
+                c = o.outputs[0]
+                result[name].append({"ids": list(c.token_ids),
+                                     "lps": [lp[t].logprob for t, lp in zip(c.token_ids, c.logprobs)]})
     with open(args.out, "w") as f:
         json.dump({"outputs": result}, f)
 
@@ -68,6 +83,7 @@ def compare(a: list[dict], b: list[dict]) -> tuple[int, int, float]:
 def main() -> None:
     ap = backend_arguments(__doc__.splitlines()[0], BACKENDS)
     ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--workloads", default="small")
     args = ap.parse_args()
     if args.backend:
         return run_one(args)
@@ -75,18 +91,21 @@ def main() -> None:
 
     weights_dir = os.path.join(tempfile.gettempdir(), "vllm-cascade-random", os.path.basename(args.model.rstrip("/")))
     args.model = str(write_random_checkpoint(args.model, weights_dir))
-    child = ["--model", args.model, "--tokens", str(args.tokens)]
+    child = ["--model", args.model, "--tokens", str(args.tokens), "--workloads", args.workloads]
     found, stats = run_per_backend(__file__, child, args.backends.split(","), "check", args.log_dir)
     results = {backend: r["outputs"] for backend, r in found.items()}
     for name, counters in stats.items():
         print(f"{name} worker stats: {stats_line(counters)}")
-    total = sum(len(o["ids"]) for o in next(iter(results.values()), []))
-    print(f"\n{'backend':<12} {'vs':<12} {'identical requests':>20} {'equal-prefix tokens':>20} {'max |dlogprob|':>15}")
-    for ref in ("FLASH_ATTN", "FLASHINFER"):
-        for backend, outs in results.items():
-            if backend != ref and ref in results:
-                same, prefix, worst = compare(results[ref], outs)
-                print(f"{backend:<12} {ref:<12} {same:>14}/{len(outs):<5} {prefix:>13}/{total:<6} {worst:>15.4f}")
+    print(f"\n{'workload':<10} {'backend':<12} {'vs':<12} {'identical requests':>20} {'equal-prefix tokens':>20} "
+          f"{'max |dlogprob|':>15}")
+    for name in args.workloads.split(","):
+        for ref in ("FLASH_ATTN", "FLASHINFER"):
+            for backend, outs in results.items():
+                if backend != ref and ref in results:
+                    total = sum(len(o["ids"]) for o in outs[name])
+                    same, prefix, worst = compare(results[ref][name], outs[name])
+                    print(f"{name:<10} {backend:<12} {ref:<12} {same:>14}/{len(outs[name]):<5} {prefix:>13}/{total:<6} "
+                          f"{worst:>15.4f}")
 
 
 if __name__ == "__main__":
