@@ -11,6 +11,24 @@ from vllm_cascade.ops.torch_attention import cascade_attention
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
+def run_against_torch(fi, fi_plan, ref_plan, table: np.ndarray, seq_lens: np.ndarray, qsl: np.ndarray,
+                      num_pages: int, chunks=None, query_table: torch.Tensor | None = None) -> float:
+    """One step on `fi` (a FlashInferCascade) with random bf16 cache and queries, against
+    cascade_attention in fp32 on `ref_plan` (the same attention as `fi_plan`). -> relative error; asserts no NaN."""
+    hkv, head_dim = fi.num_kv_heads, fi.head_dim
+    cache = torch.randn(num_pages, hkv, fi.page_size, 2 * head_dim, device="cuda", dtype=torch.bfloat16)
+    k, v = cache[..., :head_dim], cache[..., head_dim:]
+    q = torch.randn(int(qsl[-1]), fi.num_qo_heads, head_dim, device="cuda", dtype=torch.bfloat16)
+    fi.plan(fi_plan, torch.from_numpy(table).to("cuda", torch.int32), seq_lens, qsl)
+    out = torch.full_like(q, float("nan"))
+    fi.run(q, k, v, out)
+    ref = torch.empty(q.shape, dtype=torch.float32)
+    cascade_attention(q.cpu().float(), k.cpu().float(), v.cpu().float(), torch.from_numpy(table), seq_lens, qsl,
+                      ref_plan, fi.scale, ref, chunks, None if query_table is None else query_table.float())
+    assert not torch.isnan(out).any()
+    return float((out.cpu().float() - ref).norm() / ref.norm())
+
+
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("page", [16, 32])
 @pytest.mark.parametrize("group", [1, 2, 4, 8])
@@ -27,22 +45,10 @@ def test_flashinfer_matches_torch(head_dim, page, group, cascade):
             order = np.argsort(query_lens != 1, kind="stable")
             table, seq_lens, query_lens = table[order], seq_lens[order], query_lens[order]
         qsl = np.concatenate([[0], np.cumsum(query_lens)])
-        cache = torch.randn(num_pages, hkv, page, 2 * head_dim, device="cuda", dtype=torch.bfloat16)
-        k, v = cache[..., :head_dim], cache[..., head_dim:]
-        q = torch.randn(int(qsl[-1]), hkv * group, head_dim, device="cuda", dtype=torch.bfloat16)
         plan = plan_cascade(table, seq_lens, query_lens, page, max_levels=3 if cascade else 1,
                             min_saved_pages=1, min_saved_fraction=0.0)
-        scale = head_dim**-0.5
-        fi = FlashInferCascade(torch.device("cuda"), hkv * group, hkv, head_dim, page, torch.bfloat16, scale)
-        bt = torch.from_numpy(table).to("cuda", torch.int32)
-        fi.plan(plan, bt, seq_lens, qsl)
-        out = torch.full_like(q, float("nan"))
-        fi.run(q, k, v, out)
-        ref = torch.empty(q.shape, dtype=torch.float32)
-        cascade_attention(q.cpu().float(), k.cpu().float(), v.cpu().float(), torch.from_numpy(table), seq_lens, qsl,
-                          plan, scale, ref)
-        assert not torch.isnan(out).any()
-        err = (out.cpu().float() - ref).norm() / ref.norm()
+        fi = FlashInferCascade(torch.device("cuda"), hkv * group, hkv, head_dim, page, torch.bfloat16, head_dim**-0.5)
+        err = run_against_torch(fi, plan, plan, table, seq_lens, qsl, num_pages)
         assert err < 1e-2, f"seed {seed}: relative error {err:.2e}, levels {plan.num_levels}"
         split_off += fi.num_decode_tokens > 0
     assert cascade or split_off, "no flat step with decode rows before prefill rows was drawn"
@@ -77,18 +83,8 @@ def test_flashinfer_chunk_steps_match_torch(group, page, query_rope):
         plan = plan_cascade(table, seq_lens, query_lens, page, 3, min_saved_pages=1, min_saved_fraction=0.0,
                             shifts=shifts)
         split = split_uniform(plan, table, seq_lens, query_lens, page, annotated.valid)
-        cache = torch.randn(num_pages, hkv, page, 2 * head_dim, device="cuda", dtype=torch.bfloat16)
-        k, v = cache[..., :head_dim], cache[..., head_dim:]
-        q = torch.randn(int(qsl[-1]), hkv * group, head_dim, device="cuda", dtype=torch.bfloat16)
-        fi.plan(split, torch.from_numpy(table).to("cuda", torch.int32), seq_lens, qsl)
-        out = torch.full_like(q, float("nan"))
-        fi.run(q, k, v, out)
-        ref = torch.empty(q.shape, dtype=torch.float32)
         view = ChunkView(shifts, torch.from_numpy(annotated.valid.copy()), cos_sin)
-        cascade_attention(q.cpu().float(), k.cpu().float(), v.cpu().float(), torch.from_numpy(table), seq_lens, qsl,
-                          plan, scale, ref, view, None if model_table is None else model_table.float())
-        assert not torch.isnan(out).any()
-        err = (out.cpu().float() - ref).norm() / ref.norm()
+        err = run_against_torch(fi, split, plan, table, seq_lens, qsl, num_pages, view, model_table)
         assert err < 1e-2, f"seed {seed}: relative error {err:.2e}, {fi.partial_rows} partial rows"
 
 
@@ -110,14 +106,5 @@ def test_flashinfer_rotates_queries_before_rope(cascade):
         qsl = np.concatenate([[0], np.cumsum(query_lens)])
         plan = plan_cascade(table, seq_lens, query_lens, page, max_levels=3 if cascade else 1,
                             min_saved_pages=1, min_saved_fraction=0.0)
-        cache = torch.randn(num_pages, hkv, page, 2 * head_dim, device="cuda", dtype=torch.bfloat16)
-        k, v = cache[..., :head_dim], cache[..., head_dim:]
-        q = torch.randn(int(qsl[-1]), hkv * group, head_dim, device="cuda", dtype=torch.bfloat16)
-        fi.plan(plan, torch.from_numpy(table).to("cuda", torch.int32), seq_lens, qsl)
-        out = torch.full_like(q, float("nan"))
-        fi.run(q, k, v, out)
-        ref = torch.empty(q.shape, dtype=torch.float32)
-        cascade_attention(q.cpu().float(), k.cpu().float(), v.cpu().float(), torch.from_numpy(table), seq_lens, qsl,
-                          plan, head_dim**-0.5, ref, None, model_table.float())
-        err = (out.cpu().float() - ref).norm() / ref.norm()
-        assert not torch.isnan(out).any() and err < 1e-2, f"seed {seed}: relative error {err:.2e}"
+        err = run_against_torch(fi, plan, plan, table, seq_lens, qsl, num_pages, None, model_table)
+        assert err < 1e-2, f"seed {seed}: relative error {err:.2e}"
