@@ -51,7 +51,7 @@ def run_one(args) -> None:
         skip_tokenizer_init=True,
         dtype="bfloat16",
         **engine_backend(args.backend),
-        max_model_len=10240,
+        max_model_len=4096 if args.workloads == "small" else 10240,  # shared: 8192 + 64 + new tokens
         gpu_memory_utilization=0.6,
         seed=0,
     )
