@@ -9,7 +9,8 @@
 # Steps run in the order given (a machine is held 30 minutes at most, so put
 # first what matters most): host-bench, step-profile, throughput, gpu-check (gpu-check-workloads: on the shared and
 # groups prompts, against FLASH_ATTN and FLASHINFER),
-# gpu-tests (the end-to-end chunk tests first; triton-tests: the kernel tests alone), kernel-bench (the nosharing and shared decode shapes;
+# gpu-tests (the end-to-end chunk tests first; triton-tests: the kernel tests alone; attn-tests: both paths'
+# kernel tests, bf16 at the model's shapes included), kernel-bench (the nosharing and shared decode shapes;
 # kernel-shared: the shared shape alone (kernel-breakdown: with each kernel of a layer profiled); fused-tests: test_fused_qwen3.py; branch-fi, branch-triton, branch-kernel, branch-chunks: fi-tests, test_triton_cascade, kernel-breakdown and stock FLASHINFER against CASCADE's chunks_bench on the tree
 # unpacked in .branch; chunk-tests: the end-to-end chunk tests alone; rope-tests: the kernel tests of chunk steps and
 # of queries before RoPE (query_rope), both GPU paths; rope-e2e: the fused class on CASCADE, query_rope model and backend;
@@ -40,6 +41,7 @@ run_step() {
     gpu-tests) python3 -m pytest -q tests/test_chunk_pages.py tests/test_gpu_attention.py tests/test_uniform_segments.py tests/test_triton_cascade.py tests/test_fused_qwen3.py ;;
     triton-tests) python3 -m pytest -q tests/test_triton_cascade.py tests/test_uniform_segments.py tests/test_chunk_pages.py ;;
     fi-tests) python3 -m pytest -q tests/test_gpu_attention.py tests/test_uniform_segments.py ;;
+    attn-tests) python3 -m pytest -q tests/test_triton_cascade.py tests/test_gpu_attention.py ;;
     rope-tests) python3 -m pytest -q tests/test_triton_cascade.py tests/test_gpu_attention.py -k "rope or chunk" ;;
     rope-e2e) python3 -m pytest -q -rP tests/test_fused_qwen3.py -k "gpu_query_before_rope" ;;
     kernel-bench) python3 benchmarks/kernel_bench.py --prefix 0 --own 4352; python3 benchmarks/kernel_bench.py ;;
