@@ -156,6 +156,9 @@ def test_metrics_show_cascade_levels_and_saved_bytes(server):
     assert metric(text, "vllm:cascade_steps_total") == files["steps"] > 0
     assert sum(metric(text, "vllm:cascade_steps_by_levels_total", f'levels="{n}"') for n in (2, 3)) > 0, text
     assert metric(text, "vllm:cascade_level_pages_total", 'level="0"') > 0
+    for level, queries in files["level_queries"].items():  # every query attends its own level, some a shared one
+        assert metric(text, "vllm:cascade_level_queries_total", f'level="{level}"') == queries
+    assert files["level_queries"]["0"] > 0 and files["level_queries"]["own"] >= files["level_queries"]["0"]
     assert metric(text, "vllm:cascade_layer_calls_total", 'path="torch"') > 0
     assert metric(text, "vllm:cascade_build_seconds_total") > 0
     kinds = files["steps_by_kind"]
@@ -201,6 +204,9 @@ def test_chunk_api_registers_composes_and_deletes(server, tiny_model):
     assert metric(text, "vllm:cascade_chunks") == 1 and metric(text, "vllm:cascade_chunk_pages_pinned") == 8
     assert metric(text, "vllm:cascade_chunk_registrations_total") == 1
     assert metric(text, "vllm:cascade_chunk_hits_total") >= 2  # the second POST and the composition
+    registry = requests.get(f"{url}/v1/chunks", timeout=10).json()["stats"]
+    assert metric(text, "vllm:cascade_chunk_lookups_total") == registry["lookups"] >= 3  # 2 POSTs, 1 composition
+    assert metric(text, "vllm:cascade_chunk_hit_rate") == pytest.approx(registry["hits"] / registry["lookups"])
     # Reuse on /metrics: the counters GET /v1/chunks reports (nothing ran in between), and the KV bytes
     # they stand for (the tiny model's KV bytes per token, from its config: float32 K and V per layer).
     stats = requests.get(f"{url}/v1/chunks", timeout=10).json()["stats"]
@@ -579,6 +585,53 @@ def test_chunks_persist_across_server_restarts(tiny_model, tmp_path):
         assert after["token_ids"] == before["token_ids"]
         assert requests.delete(f"{url}/v1/chunks/{child['id']}", timeout=10).status_code == 200
         assert files() == {n for n in chain if n.startswith(parent["id"])}
+
+
+def test_eviction_full_registry_and_deleting_a_chunk_in_use(tiny_model, tmp_path):
+    """A real server with room for two chunks, LRU eviction on. A third chunk evicts the least
+    recently used idle one (404 after, its pages unpinned, counted on /metrics). While a stream
+    holds both chunks: a further chunk is refused with 413 and nothing changes; deleting a chunk the
+    stream uses answers 200 and hides it, the stream goes on to the same text as an undisturbed run,
+    and the chunk's pages are unpinned once the stream ends."""
+    from test_e2e_llm import window
+
+    with running_server(tiny_model, tmp_path, {"max_chunks": 2, "chunk_evict_lru": True}) as (url, _, _, _):
+        model = server_model(url)
+        old, b, c = (post(url, "/v1/chunks", {"token_ids": window(tiny_model, start, 32)}) for start in (100, 200, 300))
+        assert requests.get(f"{url}/v1/chunks/{old['id']}", timeout=10).status_code == 404
+        stats = chunk_stats(url)
+        assert (stats["chunks"], stats["evictions"], stats["pages_pinned"]) == (2, 1, 4), stats
+        text = requests.get(f"{url}/metrics", timeout=30).text
+        assert metric(text, "vllm:cascade_chunk_evictions_total") == 1
+
+        body = {"model": model, "chunks": [b["id"], c["id"]], "prompt": window(tiny_model, 900, 6),
+                "temperature": 0.0, "max_tokens": 600, "ignore_eos": True}
+        undisturbed = post(url, "/v1/completions", body)["choices"][0]["text"]
+        stream = requests.post(f"{url}/v1/completions", json={**body, "stream": True}, stream=True, timeout=120)
+        try:
+            assert stream.status_code == 200, stream.text
+            lines = stream.iter_lines(decode_unicode=True)
+            texts = []
+            for line in lines:  # the first token: the request runs and holds its chunks
+                if line.startswith("data: "):
+                    texts.append(json.loads(line[len("data: "):])["choices"][0]["text"])
+                    break
+            assert requests.get(f"{url}/v1/chunks/{b['id']}", timeout=10).json()["holders"] == 1
+            refused = requests.post(f"{url}/v1/chunks", json={"token_ids": window(tiny_model, 400, 32)}, timeout=60)
+            assert refused.status_code == 413 and "registry full" in refused.json()["error"]["message"], refused.text
+            assert [x["id"] for x in requests.get(f"{url}/v1/chunks", timeout=10).json()["data"]] == [b["id"], c["id"]]
+            deleted = requests.delete(f"{url}/v1/chunks/{b['id']}", timeout=10)
+            assert deleted.status_code == 200, deleted.text
+            assert requests.get(f"{url}/v1/chunks/{b['id']}", timeout=10).status_code == 404
+            assert chunk_stats(url)["pages_pinned"] == 4  # still held by the stream
+            after_delete = [json.loads(line[len("data: "):])["choices"][0]["text"]
+                            for line in lines if line.startswith("data: ") and line != "data: [DONE]"]
+        finally:
+            stream.close()
+        assert after_delete, "the stream had ended before the chunk was deleted"
+        assert "".join(texts + after_delete) == undisturbed
+        stats = chunk_stats(url)
+        assert (stats["chunks"], stats["deletions"], stats["pages_pinned"]) == (1, 1, 2), stats
 
 
 def test_sigint_stops_server_and_cascade_ran_in_worker(server):

@@ -32,6 +32,7 @@ With the chunk HTTP API loaded (entrypoints/http.py), its registry too:
     vllm:cascade_chunk_registrations_total        chunks created (re-registering one is a hit)
     vllm:cascade_chunk_lookups_total              registrations and composition lookups
     vllm:cascade_chunk_hits_total                 of which found an existing chunk
+    vllm:cascade_chunk_hit_rate                   hits / lookups since the start
     vllm:cascade_chunk_evictions_total            chunks evicted (LRU) to make room
     vllm:cascade_chunk_deletions_total            chunks deleted
     vllm:cascade_chunk_compositions_total         composed requests (chunks + tail) vLLM prefilled
@@ -112,6 +113,9 @@ class CascadeCollector:
         yield GaugeMetricFamily("vllm:cascade_chunk_pages_pinned", "KV pages chunks pin now.", chunks["pages_pinned"])
         for name in ("registrations", "lookups", "hits", "evictions", "deletions"):
             yield counter(f"chunk_{name}", f"Chunk registry {name}.", chunks[name])
+        yield GaugeMetricFamily("vllm:cascade_chunk_hit_rate", "Share of chunk lookups (registrations and "
+                                "compositions) that found a registered chunk since the start (hits / lookups).",
+                                chunks["hit_rate"])
         yield counter("chunk_compositions", "Composed requests (chunks + tail) vLLM prefilled.", chunks["compositions"])
         yield counter("chunk_composed_tokens", "Chunk tokens in composed requests' prompts.", chunks["chunk_tokens"])
         yield counter("chunk_reused_tokens", "Composed chunk tokens vLLM's prefix cache served instead of computing "
