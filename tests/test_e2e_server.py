@@ -422,6 +422,15 @@ def test_chunk_routes_are_in_the_openapi_schema(server):
         operation = paths[route]["post"]
         assert "chunks" in operation["tags"], operation
         assert "chunks" in operation["requestBody"]["content"]["application/json"]["schema"]["properties"]
+        assert {"400", "404", "413"} <= set(operation["responses"]), operation["responses"]
+    # The errors each chunk route answers with, with their body.
+    for route, method, codes in (("/v1/chunks", "post", {"400", "404", "409", "413", "501"}),
+                                 ("/v1/chunks/{chunk_id}", "get", {"404"}),
+                                 ("/v1/chunks/{chunk_id}", "delete", {"404", "409"})):
+        responses = paths[route][method]["responses"]
+        assert codes <= set(responses), (route, method, responses)
+        error = responses["404"]["content"]["application/json"]["schema"]
+        assert error["properties"]["error"]["properties"].keys() == {"message", "type", "code"}
 
 
 def test_failed_registration_removes_the_chunks_registered_on_it():

@@ -301,6 +301,23 @@ _CHUNK_SCHEMA = {
 }
 
 
+_ERROR_SCHEMA = {
+    "type": "object", "required": ["error"],
+    "properties": {"error": {"type": "object", "properties": {
+        "message": {"type": "string"}, "type": {"type": "string"}, "code": {"type": "integer"}}}},
+}
+
+
+def _errors(**described: str) -> dict:
+    """FastAPI `responses` for the errors a route answers with (`_error`'s body): e.g. e404="..."."""
+    return {int(code[1:]): {"description": text, "content": {"application/json": {"schema": _ERROR_SCHEMA}}}
+            for code, text in described.items()}
+
+
+_COMPOSITION_ERRORS = _errors(e400="Malformed body or 'chunks'", e404="Unknown or deleted chunk",
+                              e413="The composition is longer than the model's context")
+
+
 def _body_schema(schema: dict) -> dict:
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
 
@@ -316,7 +333,12 @@ router = APIRouter(tags=["chunks"])
 
 
 @router.post("/v1/chunks", summary="Register a chunk (prefilled once, its KV pages pinned)",
-             openapi_extra=_body_schema(_CHUNK_SCHEMA))
+             openapi_extra=_body_schema(_CHUNK_SCHEMA),
+             responses=_errors(e400="Malformed body", e404="Unknown parent chunk",
+                               e409="The chunk or its parent changed state meanwhile (deleted, evicted, its "
+                                    "registration failed)",
+                               e413="Chunk longer than the context, or the registry or its page budget is full",
+                               e501="This engine cannot hold chunks"))
 async def create_chunk(request: Request):
     try:
         return JSONResponse(await _service(request).register(_spec(await _json_body(request))))
@@ -330,7 +352,7 @@ async def list_chunks(request: Request):
     return {"object": "list", "data": [service.json(c) for c in service.registry.list()], "stats": service.stats()}
 
 
-@router.get("/v1/chunks/{chunk_id}", summary="One chunk")
+@router.get("/v1/chunks/{chunk_id}", summary="One chunk", responses=_errors(e404="Unknown or deleted chunk"))
 async def get_chunk(chunk_id: str, request: Request):
     service = _service(request)
     try:
@@ -339,7 +361,9 @@ async def get_chunk(chunk_id: str, request: Request):
         return _error(exc)
 
 
-@router.delete("/v1/chunks/{chunk_id}", summary="Delete a chunk (its pages are freed when no request uses it)")
+@router.delete("/v1/chunks/{chunk_id}", summary="Delete a chunk (its pages are freed when no request uses it)",
+               responses=_errors(e404="Unknown or deleted chunk",
+                                 e409="Chunks are registered on it, or it is still being registered"))
 async def delete_chunk(chunk_id: str, request: Request):
     try:
         await _service(request).delete(chunk_id)
@@ -432,11 +456,13 @@ class ChunkEndpoints:
         app.include_router(router)
         app.add_api_route("/v1/completions", completions_with_chunks, methods=["POST"], tags=["chunks"],
                           summary="vLLM's completions, with an optional 'chunks' composition",
-                          openapi_extra=_with_chunks_schema("CompletionRequest", "'prompt' (the tail)"))
+                          openapi_extra=_with_chunks_schema("CompletionRequest", "'prompt' (the tail)"),
+                          responses=_COMPOSITION_ERRORS)
         app.add_api_route("/v1/chat/completions", chat_completions_with_chunks, methods=["POST"], tags=["chunks"],
                           summary="vLLM's chat completions, with an optional 'chunks' composition",
                           openapi_extra=_with_chunks_schema("ChatCompletionRequest",
-                                                            "the chat-templated 'messages'"))
+                                                            "the chat-templated 'messages'"),
+                          responses=_COMPOSITION_ERRORS)
 
     async def init_state(self, engine_client: Any, state: Any, args: Any) -> None:
         if engine_client is not None:
