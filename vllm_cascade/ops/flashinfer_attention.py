@@ -160,7 +160,8 @@ class FlashInferCascade:
             gather_rotate(query, index[:1], index[:1], self.cos_sin_cache, torch.empty_like(query))
         contrib_off = torch.tensor([0, 1, 0, 0], dtype=torch.int32, device=self.device)
         lse = torch.zeros(1, self.num_qo_heads, dtype=torch.float32, device=self.device)
-        merge_partials(query.clone(), lse, torch.empty_like(query), contrib_off, index, contrib_off[1:], 1)
+        num_tokens = torch.ones(4, dtype=torch.int32, device=self.device)  # its own allocation: aligned
+        merge_partials(query.clone(), lse, torch.empty_like(query), contrib_off, index, num_tokens[:1], 1)
 
     def plan(
         self,
