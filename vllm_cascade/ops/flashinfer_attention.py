@@ -156,8 +156,8 @@ class FlashInferCascade:
 
         query = torch.zeros(1, self.num_qo_heads, self.head_dim, dtype=self.dtype, device=self.device)
         index = torch.zeros(4, dtype=torch.int32, device=self.device)
-        if self.cos_sin_cache is not None:
-            gather_rotate(query, index[:1], index[:1], self.cos_sin_cache, torch.empty_like(query))
+        for table in {id(t): t for t in (self.cos_sin_cache, self.query_rope) if t is not None}.values():
+            gather_rotate(query, index[:1], index[:1], table, torch.empty_like(query))  # one variant per table dtype
         contrib_off = torch.tensor([0, 1, 0, 0], dtype=torch.int32, device=self.device)
         lse = torch.zeros(1, self.num_qo_heads, dtype=torch.float32, device=self.device)
         num_tokens = torch.ones(4, dtype=torch.int32, device=self.device)  # its own allocation: aligned
