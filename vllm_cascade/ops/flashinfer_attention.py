@@ -145,6 +145,23 @@ class FlashInferCascade:
         self._rotated: torch.Tensor | None = None  # with query_rope: the step's queries rotated at their positions
         self._merge_programs = 4 * (torch.cuda.get_device_properties(device).multi_processor_count
                                     if device.type == "cuda" else 1)
+        if device.type == "cuda":
+            self._compile_kernels()
+
+    def _compile_kernels(self) -> None:
+        """Compile the gather and merge kernels at engine start, not in the first step that shares (a
+        second or so of Triton compilation in a user's request). Tiny inputs of the serving dtypes,
+        16-byte aligned like the step's (pack_aligned), so Triton specializes them the same way."""
+        from vllm_cascade.ops.triton_cascade import gather_rotate, merge_partials
+
+        query = torch.zeros(1, self.num_qo_heads, self.head_dim, dtype=self.dtype, device=self.device)
+        index = torch.zeros(4, dtype=torch.int32, device=self.device)
+        for table in {id(t): t for t in (self.cos_sin_cache, self.query_rope) if t is not None}.values():
+            gather_rotate(query, index[:1], index[:1], table, torch.empty_like(query))  # one variant per table dtype
+        contrib_off = torch.tensor([0, 1, 0, 0], dtype=torch.int32, device=self.device)
+        lse = torch.zeros(1, self.num_qo_heads, dtype=torch.float32, device=self.device)
+        num_tokens = torch.ones(4, dtype=torch.int32, device=self.device)  # its own allocation: aligned
+        merge_partials(query.clone(), lse, torch.empty_like(query), contrib_off, index, num_tokens[:1], 1)
 
     def plan(
         self,
