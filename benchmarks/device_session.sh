@@ -7,7 +7,7 @@
 #   bash benchmarks/device_session.sh poll            # progress; copies finished logs to $OUT
 #
 # Steps run in the order given (a machine is held 30 minutes at most, so put
-# first what matters most): host-bench, step-profile, throughput, gpu-check (gpu-check-workloads: on the shared and
+# first what matters most): host-bench, step-profile (profile-ceiling: CASCADE on short and shared), throughput, gpu-check (gpu-check-workloads: on the shared and
 # groups prompts, against FLASH_ATTN and FLASHINFER),
 # gpu-tests (the end-to-end chunk tests first; triton-tests: the kernel tests alone; attn-tests: both paths'
 # kernel tests, bf16 at the model's shapes included), kernel-bench (the nosharing and shared decode shapes;
@@ -34,6 +34,8 @@ run_step() {
     host-bench) python3 benchmarks/host_bench.py ;;
     step-profile) python3 benchmarks/step_profile.py --model $M --workloads single,shared \
                       --backends FLASH_ATTN,CASCADE --log-dir "$RUN" ;;
+    profile-ceiling) python3 benchmarks/step_profile.py --model $M --workloads short,shared --backends CASCADE \
+                         --log-dir "$RUN" ;;
     throughput) python3 benchmarks/throughput.py --model $M --backends FLASHINFER,CASCADE,FLASH_ATTN --log-dir "$RUN" ;;
     gpu-check) python3 benchmarks/gpu_check.py --model $M --backends FLASH_ATTN,CASCADE --log-dir "$RUN" ;;
     gpu-check-workloads) python3 benchmarks/gpu_check.py --model $M --backends FLASH_ATTN,FLASHINFER,CASCADE \
