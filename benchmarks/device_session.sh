@@ -9,7 +9,7 @@
 # Steps run in the order given (a machine is held 30 minutes at most, so put
 # first what matters most): host-bench, step-profile (profile-ceiling: CASCADE on short and shared), throughput, gpu-check (gpu-check-workloads: on the shared and
 # groups prompts, against FLASH_ATTN and FLASHINFER),
-# gpu-tests (the end-to-end chunk tests first; triton-tests: the kernel tests alone; attn-tests: both paths'
+# gpu-tests (the end-to-end chunk tests first; gpu-chunks: those alone; triton-tests: the kernel tests alone; attn-tests: both paths'
 # kernel tests, bf16 at the model's shapes included), kernel-bench (the nosharing and shared decode shapes;
 # kernel-shared: the shared shape alone (kernel-breakdown: with each kernel of a layer profiled); fused-tests: test_fused_qwen3.py; branch-fi, branch-triton, branch-kernel, branch-chunks: fi-tests, test_triton_cascade, kernel-breakdown and stock FLASHINFER against CASCADE's chunks_bench on the tree
 # unpacked in .branch; chunk-tests: the end-to-end chunk tests alone; rope-tests: the kernel tests of chunk steps and
@@ -17,7 +17,8 @@
 # kernel-single: the single workload's batch-1 decode shape, with and without fill_programs;
 # kernel-sweep: launch settings at the
 # nosharing and shared shapes), prefill-bench (one layer of the composed-chunks prefill step: the chunk
-# kernel's settings against FlashInfer's prefill kernel), model-bench (model-bench-8b: stock and
+# kernel's settings against FlashInfer's prefill kernel), model-bench (model-bench-64: batch-64 decode of stock,
+# fused and fused-noaddmm on FLASH_ATTN, then on CASCADE; model-bench-8b: stock and
 # fused on the Qwen3-8B config), model-check (fused vs stock Qwen3 logprobs, bf16 against fp32, on the
 # 0.6B and 8B configs; model-check-unit: 0.6B with unit norm weights, so folding them is exact),
 # chunks-bench (chunks-profile: orders only, in-process engines, the first steps profiled; chunks-fi: stock,
@@ -40,7 +41,8 @@ run_step() {
     gpu-check) python3 benchmarks/gpu_check.py --model $M --backends FLASH_ATTN,CASCADE --log-dir "$RUN" ;;
     gpu-check-workloads) python3 benchmarks/gpu_check.py --model $M --backends FLASH_ATTN,FLASHINFER,CASCADE \
                              --workloads shared,groups --log-dir "$RUN" ;;
-    gpu-tests) python3 -m pytest -q tests/test_chunk_pages.py tests/test_gpu_attention.py tests/test_uniform_segments.py tests/test_triton_cascade.py tests/test_fused_qwen3.py ;;
+    gpu-tests) python3 -m pytest -q tests/test_gpu_chunks.py tests/test_gpu_attention.py tests/test_uniform_segments.py tests/test_triton_cascade.py tests/test_fused_qwen3.py ;;
+    gpu-chunks) python3 -m pytest -q -rP tests/test_gpu_chunks.py ;;
     triton-tests) python3 -m pytest -q tests/test_triton_cascade.py tests/test_uniform_segments.py tests/test_chunk_pages.py ;;
     fi-tests) python3 -m pytest -q tests/test_gpu_attention.py tests/test_uniform_segments.py ;;
     attn-tests) python3 -m pytest -q tests/test_triton_cascade.py tests/test_gpu_attention.py ;;
@@ -51,6 +53,8 @@ run_step() {
     prefill-bench) python3 benchmarks/prefill_bench.py ;;
     kernel-sweep) python3 benchmarks/kernel_bench.py --prefix 0 --own 4352 --sweep; python3 benchmarks/kernel_bench.py --sweep ;;
     model-bench) python3 benchmarks/model_bench.py --model $M --variants stock,fused,fused-noaddmm --log-dir "$RUN" ;;
+    model-bench-64) for b in FLASH_ATTN CASCADE; do mkdir -p "$RUN/$b"; python3 benchmarks/model_bench.py --model $M \
+                        --backend $b --variants stock,fused,fused-noaddmm --workloads decode64 --log-dir "$RUN/$b"; done ;;
     model-bench-8b) python3 benchmarks/model_bench.py --model .models/qwen3-8b --variants stock,fused --log-dir "$RUN" ;;
     model-check) python3 benchmarks/model_check.py --model $M,.models/qwen3-8b --log-dir "$RUN" ;;
     model-check-8b) python3 benchmarks/model_check.py --model .models/qwen3-8b --log-dir "$RUN" ;;
