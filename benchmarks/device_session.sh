@@ -47,8 +47,10 @@ run_step() {
     fi-tests) python3 -m pytest -q tests/test_gpu_attention.py tests/test_uniform_segments.py ;;
     attn-tests) python3 -m pytest -q tests/test_triton_cascade.py tests/test_gpu_attention.py ;;
     rope-tests) python3 -m pytest -q tests/test_triton_cascade.py tests/test_gpu_attention.py -k "rope or chunk" ;;
-    # It hung twice with no line logged; -s streams the engines' logs, faulthandler dumps every thread's stack at 300 s.
-    rope-e2e) python3 -m pytest -q -s -rP -o faulthandler_timeout=300 tests/test_fused_qwen3.py -k "gpu_query_before_rope" ;;
+    # It hung twice with no line logged; -s streams the engines' logs; every process (the test's, the engine core's, the
+    # worker's) dumps its threads' stacks after 300 s / every 240 s (plugin.py: CASCADE_DUMP_STACKS_S).
+    rope-e2e) CASCADE_DUMP_STACKS_S=240 python3 -m pytest -q -s -rP -o faulthandler_timeout=300 tests/test_fused_qwen3.py \
+                  -k "gpu_query_before_rope" ;;
     kernel-bench) python3 benchmarks/kernel_bench.py --prefix 0 --own 4352; python3 benchmarks/kernel_bench.py ;;
     kernel-single) python3 benchmarks/kernel_bench.py --batch 1 --prefix 0 --own 640 ;;
     prefill-bench) python3 benchmarks/prefill_bench.py ;;

@@ -7,9 +7,19 @@
   CPU backend selection, config-time checks, model classes, chunk-page utilities of
   the engine core, this run's stats directory
   (inherited by the processes vLLM spawns later) and the /metrics collector.
+
+With CASCADE_DUMP_STACKS_S=N set, every vLLM process that loads the plugin
+writes all its threads' stacks to stderr every N seconds: a diagnostic for an
+engine that hangs in a process other than the caller's.
 """
 
 from __future__ import annotations
+
+import faulthandler
+import os
+import sys
+
+_dumping = False
 
 
 def register_early() -> None:
@@ -31,3 +41,12 @@ def register() -> None:
     vllm_compat.install_pinned_lookup()
     stats.ensure_stats_dir()
     metrics.register_collector()
+    _dump_stacks_periodically()
+
+
+def _dump_stacks_periodically() -> None:
+    global _dumping
+    every = os.environ.get("CASCADE_DUMP_STACKS_S")
+    if every and not _dumping:
+        faulthandler.dump_traceback_later(float(every), repeat=True, file=sys.stderr)
+        _dumping = True
