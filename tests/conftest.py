@@ -26,6 +26,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 # Workers write their counters after every step, so tests read them at once.
 os.environ.setdefault("CASCADE_STATS_INTERVAL_S", "0")
+# Engine processes start fresh, never forked from pytest: on the GPU vLLM forks unless CUDA is
+# initialized, and a child forked after torch's CPU thread pool ran here (test checkpoints are
+# written with torch) can hang at 0% CPU. The likely cause of GPU engine tests that hung when run
+# alone (RESULTS.md, tenth and eleventh sessions). The CPU platform always spawns.
+os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
 
 STATS_ENV = "CASCADE_STATS_DIR"
 

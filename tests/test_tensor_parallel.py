@@ -16,13 +16,15 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
 from conftest import CASCADE_ENGINE, assert_plugin_ran, make_engine
 from test_e2e_llm import window
 
 from vllm_cascade.chunks.store import ChunkStore
 
 CORES = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-pytestmark = pytest.mark.skipif(len(CORES) < 2, reason="two ranks need two cores")
+pytestmark = [pytest.mark.skipif(len(CORES) < 2, reason="two ranks need two cores"),
+              pytest.mark.skipif(torch.cuda.device_count() == 1, reason="two ranks on a GPU machine need two GPUs")]
 TP2 = {**CASCADE_ENGINE, "tensor_parallel_size": 2}
 
 
