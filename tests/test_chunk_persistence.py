@@ -66,6 +66,23 @@ def test_files_are_checked_against_fingerprint_and_checksum(tmp_path, caplog):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("field,saved,now", [
+    ("kv_cache_dtype", "auto", "fp8"),
+    ("tensor_parallel_size", 1, 2),
+    ("attention_backend", "CASCADE", "FLASHINFER"),
+    ("kv_layout", LAYOUT, [{**LAYOUT[0], "kv_cache_layout": "LBNHC"}]),
+    ("vllm_version", "0.32.0", "0.33.0"),
+])
+def test_files_saved_under_other_settings_are_rejected_naming_them(tmp_path, field, saved, now):
+    """Whatever the saved pages' bytes depend on, besides the model and its dtype and page size (which
+    name the chunk ids): a file saved under another value is rejected, and the reason names it."""
+    saved_chunk(tmp_path, {**FINGERPRINT, field: saved})
+    [rejected] = ChunkFiles(tmp_path, {**FINGERPRINT, field: now}).scan()
+    assert rejected.problem is not None and field in rejected.problem, rejected.problem
+    [same] = ChunkFiles(tmp_path, {**FINGERPRINT, field: saved}).scan()
+    assert same.problem is None
+
+
 def greedy(max_tokens: int = 16):
     from vllm import SamplingParams
 
