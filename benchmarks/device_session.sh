@@ -11,7 +11,8 @@
 # groups prompts, against FLASH_ATTN and FLASHINFER),
 # gpu-tests (the end-to-end chunk tests first; gpu-chunks: those alone; triton-tests: the kernel tests alone; attn-tests: both paths'
 # kernel tests, bf16 at the model's shapes included), kernel-bench (the nosharing and shared decode shapes;
-# kernel-shared: the shared shape alone (kernel-breakdown: with each kernel of a layer profiled); fused-tests: test_fused_qwen3.py; branch-fi, branch-triton, branch-kernel, branch-chunks: fi-tests, test_triton_cascade, kernel-breakdown and stock FLASHINFER against CASCADE's chunks_bench on the tree
+# kernel-shared: the shared shape alone (kernel-breakdown: with each kernel of a layer profiled; kernel-groups: the
+# groups shape, three levels, profiled); fused-tests: test_fused_qwen3.py; branch-fi, branch-triton, branch-kernel, branch-chunks: fi-tests, test_triton_cascade, kernel-breakdown and stock FLASHINFER against CASCADE's chunks_bench on the tree
 # unpacked in .branch; chunk-tests: the end-to-end chunk tests alone; rope-tests: the kernel tests of chunk steps and
 # of queries before RoPE (query_rope), both GPU paths; rope-e2e: the fused class on CASCADE, query_rope model and backend;
 # kernel-single: the single workload's batch-1 decode shape, with and without fill_programs;
@@ -73,6 +74,7 @@ run_step() {
     chunk-tests) python3 -m pytest -q tests/test_chunk_pages.py ;;
     kernel-shared) python3 benchmarks/kernel_bench.py ;;
     kernel-breakdown) python3 benchmarks/kernel_bench.py --breakdown ;;
+    kernel-groups) python3 benchmarks/kernel_bench.py --prefix 512 --groups 4 --doc 4096 --breakdown ;;
     fused-tests) python3 -m pytest -q tests/test_fused_qwen3.py ;;
     # The same on a branch under test, its tree unpacked in .branch (git archive BRANCH | tar -x -C .branch)
     branch-fi) (cd .branch && PYTHONPATH=/root/site:$PWD python3 -m pytest -q tests/test_gpu_attention.py tests/test_uniform_segments.py) ;;

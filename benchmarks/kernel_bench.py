@@ -7,10 +7,13 @@ the measured copy bandwidth. Each variant is checked against the flat
 FlashInfer decode first (relative error), then timed (median of CUDA-event
 timings). Host planning time per step is reported apart.
 
-    python benchmarks/kernel_bench.py [--prefix 8192 --own 192 --batch 64] [--sweep] [--breakdown]
+    python benchmarks/kernel_bench.py [--prefix 8192 --own 192 --batch 64] [--groups G --doc D] [--sweep] [--breakdown]
 
-`--prefix 0` is the `nosharing` shape's decode (flat: every request its own
-pages; e.g. `--prefix 0 --own 4352`); `--batch 1 --prefix 0 --own 640` is the
+`--prefix 512 --groups 4 --doc 4096` is the `groups` shape (a 512-token system
+prefix for all, then one of 4 documents of 4096 tokens per 16 requests: three
+levels, FlashInfer's MultiLevelCascade with three too). `--prefix 0` is the
+`nosharing` shape's decode (flat: every request its own pages; e.g.
+`--prefix 0 --own 4352`); `--batch 1 --prefix 0 --own 640` is the
 `single` workload's last decode steps. `--sweep` adds the Triton kernels under
 CUDA-graph replay for each pages-per-item and launch setting (keys per inner
 step, warps, pipeline stages), to choose the defaults from.
@@ -76,6 +79,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--prefix", type=int, default=8192)
     ap.add_argument("--own", type=int, default=192)
+    ap.add_argument("--groups", type=int, default=0,
+                    help="G documents of --doc tokens after the prefix, each shared by batch/G requests (3 levels)")
+    ap.add_argument("--doc", type=int, default=4096)
     ap.add_argument("--qo-heads", type=int, default=16)
     ap.add_argument("--kv-heads", type=int, default=8)
     ap.add_argument("--head-dim", type=int, default=128)
@@ -92,13 +98,19 @@ def main() -> None:
     from vllm_cascade.ops.triton_cascade import Launch, TritonCascade, default_launch
 
     b, page, hq, hkv, d = args.batch, args.page, args.qo_heads, args.kv_heads, args.head_dim
-    shared_pages, own_pages = args.prefix // page, -(-args.own // page)
-    num_pages = shared_pages + b * own_pages
+    groups, doc = args.groups, args.doc if args.groups else 0
+    if args.prefix % page or doc % page or (groups and b % groups):
+        raise SystemExit("--prefix and --doc must be whole pages, --batch a multiple of --groups")
+    shared_pages, doc_pages, own_pages = args.prefix // page, doc // page, -(-args.own // page)
+    first_own = shared_pages + groups * doc_pages
+    num_pages = first_own + b * own_pages
     cache = torch.randn(num_pages, hkv, page, 2 * d, device="cuda", dtype=torch.bfloat16)
     k, v = cache[..., :d], cache[..., d:]
-    table = np.array([list(range(shared_pages)) + [shared_pages + r * own_pages + i for i in range(own_pages)]
-                      for r in range(b)], dtype=np.int32)
-    seq_lens = np.full(b, args.prefix + args.own)
+    per_group = b // max(groups, 1)
+    table = np.array([list(range(shared_pages))
+                      + [shared_pages + (r // per_group) * doc_pages + i for i in range(doc_pages)]
+                      + [first_own + r * own_pages + i for i in range(own_pages)] for r in range(b)], dtype=np.int32)
+    seq_lens = np.full(b, args.prefix + doc + args.own)
     qsl = np.arange(b + 1)
     q = torch.randn(b, hq, d, device="cuda", dtype=torch.bfloat16)
     bt = torch.from_numpy(table).cuda()
@@ -108,21 +120,28 @@ def main() -> None:
     # Stock: each request reads the whole prefix.
     flat = flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace, "HND")
     indptr = torch.arange(b + 1, dtype=torch.int32) * table.shape[1]
-    last = torch.full((b,), (args.prefix + args.own) - (table.shape[1] - 1) * page, dtype=torch.int32)
+    last = torch.full((b,), int(seq_lens[0]) - (table.shape[1] - 1) * page, dtype=torch.int32)
     flat.plan(indptr, bt.flatten(), last, hq, hkv, d, page, q_data_type=torch.bfloat16, sm_scale=scale)
     ref = flat.run(q, (k, v))
 
-    # FlashInfer's own 2-level cascade.
-    mlc = flashinfer.MultiLevelCascadeAttentionWrapper(2, workspace, "HND")
-    shared = shared_pages > 0
+    # FlashInfer's own cascade: the prefix for all, the documents per group, each request's own pages.
+    shared = shared_pages > 0 or groups > 0
+    levels = []  # (query ranges, KV page ranges, page ids, last page lengths) per level
+    if shared_pages:
+        levels.append(([0, b], [0, shared_pages], torch.arange(shared_pages), [page]))
+    if groups:
+        levels.append((list(range(0, b + 1, per_group)), list(range(0, (groups + 1) * doc_pages, doc_pages)),
+                       torch.arange(shared_pages, first_own), [page] * groups))
+    levels.append((list(range(b + 1)), list(range(0, (b + 1) * own_pages, own_pages)),
+                   bt[:, shared_pages + doc_pages:].flatten(),
+                   [args.own - (own_pages - 1) * page] * b))
+    mlc = flashinfer.MultiLevelCascadeAttentionWrapper(len(levels), workspace, "HND")
     if shared:
-        mlc.plan(
-            [torch.tensor([0, b], dtype=torch.int32), torch.arange(b + 1, dtype=torch.int32)],
-            [torch.tensor([0, shared_pages], dtype=torch.int32), torch.arange(b + 1, dtype=torch.int32) * own_pages],
-            [torch.arange(shared_pages, dtype=torch.int32, device="cuda"), bt[:, shared_pages:].flatten()],
-            [torch.tensor([page], dtype=torch.int32), torch.full((b,), args.own - (own_pages - 1) * page, dtype=torch.int32)],
-            hq, hkv, d, page, sm_scale=scale, q_data_type=torch.bfloat16,
-        )  # fmt: skip
+        mlc.plan([torch.tensor(lv[0], dtype=torch.int32) for lv in levels],
+                 [torch.tensor(lv[1], dtype=torch.int32) for lv in levels],
+                 [lv[2].to("cuda", torch.int32) for lv in levels],
+                 [torch.tensor(lv[3], dtype=torch.int32) for lv in levels],
+                 hq, hkv, d, page, sm_scale=scale, q_data_type=torch.bfloat16)
 
     def host_us(work, repeats: int = 5) -> float:
         """Median host time of `work` after one untimed call (the first may compile kernels)."""
@@ -135,8 +154,9 @@ def main() -> None:
             times.append((time.perf_counter() - t0) * 1e6)
         return statistics.median(times)
 
-    plan = plan_cascade(table, seq_lens, np.ones(b, dtype=int), page, max_levels=2)
-    plan_us = host_us(lambda: plan_cascade(table, seq_lens, np.ones(b, dtype=int), page, max_levels=2))
+    max_levels = len(levels)  # as many as the shape has (the backend's default allows 3)
+    plan = plan_cascade(table, seq_lens, np.ones(b, dtype=int), page, max_levels=max_levels)
+    plan_us = host_us(lambda: plan_cascade(table, seq_lens, np.ones(b, dtype=int), page, max_levels=max_levels))
     ours = FlashInferCascade(torch.device("cuda"), hq, hkv, d, page, torch.bfloat16, scale)
     fi_plan_us = host_us(lambda: ours.plan(plan, bt, seq_lens, qsl))
 
@@ -146,7 +166,7 @@ def main() -> None:
 
     variants = {"flashinfer decode, flat (stock)": lambda: flat.run(q, (k, v))}
     if shared:
-        variants["flashinfer MultiLevelCascade, 2 levels"] = lambda: mlc.run(q, (k, v))
+        variants[f"flashinfer MultiLevelCascade, {len(levels)} levels"] = lambda: mlc.run(q, (k, v))
         variants["cascade backend, gpu_kernel=flashinfer"] = into(ours.run, torch.empty_like(q))
     host = {"plan_cascade (numpy)": plan_us, "flashinfer wrappers plan": fi_plan_us}
     for wide_m in (16, 64, 128):  # 16: every tile narrow (the prefix is read once per 8 queries at G=2)
@@ -195,10 +215,12 @@ def main() -> None:
             variants[f"graph: backend settings, wide {wide_m} rows {launch_label(wide)}"] = replayed(
                 backend_pages, (wide, Launch()), 4, True, wide_m)
 
-    kv_bytes = (args.prefix + b * args.own) * hkv * d * 2 * 2
+    kv_bytes = (args.prefix + groups * doc + b * args.own) * hkv * d * 2 * 2
     bandwidth = copy_bandwidth()
     floor_us = kv_bytes / bandwidth * 1e6
-    print(f"shape: batch {b}, prefix {args.prefix} + own {args.own}, heads {hq}/{hkv}, dim {d}, page {page}")
+    docs = f" + {groups} documents of {doc} (each for {per_group})" if groups else ""
+    print(f"shape: batch {b}, prefix {args.prefix}{docs} + own {args.own}, heads {hq}/{hkv}, dim {d}, page {page}; "
+          f"plan levels {plan.num_levels}")
     print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s; KV read once {kv_bytes / 1e6:.1f} MB -> floor {floor_us:.1f} us")
     print(f"\n{'kernel':<56} {'us/layer':>9} {'x floor':>8} {'vs flat':>8} {'rel err':>9}")
     flat_us = None
