@@ -135,7 +135,6 @@ def main() -> None:
     ref = flat.run(q, (k, v))
 
     # FlashInfer's own cascade: the prefix for all, the documents per group, each request's own pages.
-    shared = shared_pages > 0 or groups > 0
     levels = []  # (query ranges, KV page ranges, page ids, last page lengths) per level
     if shared_pages:
         levels.append(([0, b], [0, shared_pages], torch.arange(shared_pages), [page]))
@@ -145,6 +144,7 @@ def main() -> None:
     levels.append((list(range(b + 1)), list(range(0, (b + 1) * own_pages, own_pages)),
                    bt[:, shared_pages + doc_pages:].flatten(),
                    [args.own - (own_pages - 1) * page] * b))
+    shared = len(levels) > 1
     mlc = flashinfer.MultiLevelCascadeAttentionWrapper(len(levels), workspace, "HND")
     if shared:
         mlc.plan([torch.tensor(lv[0], dtype=torch.int32) for lv in levels],

@@ -87,10 +87,16 @@ def main() -> None:
           + "".join(f"   {b + '/best stock':>22}" for b in cascades))
     for name in args.workloads.split(","):
         row = {b: table[b][name]["tok_per_s"] for b in table if name in table[b]}
-        stock = max((v for b, v in row.items() if not b.startswith("CASCADE")), default=None)
+        stock = best_stock(table, name)
         ratios = "".join(f"   {row[b] / stock:>21.2f}x" if stock and b in row else f"   {'-':>22}" for b in cascades)
         print(f"{name:<10} " + " ".join(f"{row.get(b, float('nan')):>15.0f}" for b in table) + ratios)
     print_ceilings(table, args.workloads.split(","))
+
+
+def best_stock(table: dict[str, dict], workload: str) -> float | None:
+    """The best tokens/s of the non-CASCADE backends on `workload` (None if none ran it)."""
+    return max((rows[workload]["tok_per_s"] for b, rows in table.items()
+                if not b.startswith("CASCADE") and workload in rows), default=None)
 
 
 def print_ceilings(table: dict[str, dict], workloads: list[str]) -> None:
@@ -104,11 +110,10 @@ def print_ceilings(table: dict[str, dict], workloads: list[str]) -> None:
             continue
         parts = []
         for name in long:
-            stock = max((table[b][name]["tok_per_s"] for b in table
-                         if not b.startswith("CASCADE") and name in table[b]), default=None)
-            if stock:
+            if stock := best_stock(table, name):
                 parts.append(f"{name} {rows['short']['tok_per_s'] / stock:.2f}x")
         print(f"  {backend:<24} " + ", ".join(parts))
+
 
 if __name__ == "__main__":
     main()

@@ -19,8 +19,6 @@ import faulthandler
 import os
 import sys
 
-_dumping = False
-
 
 def register_early() -> None:
     from vllm_cascade import vllm_compat
@@ -45,8 +43,6 @@ def register() -> None:
 
 
 def _dump_stacks_periodically() -> None:
-    global _dumping
     every = os.environ.get("CASCADE_DUMP_STACKS_S")
-    if every and not _dumping:
+    if every:  # a second call replaces the first timer
         faulthandler.dump_traceback_later(float(every), repeat=True, file=sys.stderr)
-        _dumping = True
