@@ -12,6 +12,7 @@ import logging
 
 import pytest
 from conftest import AGGRESSIVE_CASCADE, CASCADE_ENGINE, assert_plugin_ran, make_engine
+from test_chunk_store import greedy
 from test_e2e_llm import window
 
 from vllm_cascade import vllm_compat
@@ -81,12 +82,6 @@ def test_files_saved_under_other_settings_are_rejected_naming_them(tmp_path, fie
     assert rejected.problem is not None and field in rejected.problem, rejected.problem
     [same] = ChunkFiles(tmp_path, {**FINGERPRINT, field: saved}).scan()
     assert same.problem is None
-
-
-def greedy(max_tokens: int = 16):
-    from vllm import SamplingParams
-
-    return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
 
 
 def test_chunks_reload_after_restart_without_prefill(tiny_model, tmp_path, reference_engine, caplog):

@@ -619,12 +619,10 @@ def test_eviction_full_registry_and_deleting_a_chunk_in_use(tiny_model, tmp_path
         stream = requests.post(f"{url}/v1/completions", json={**body, "stream": True}, stream=True, timeout=120)
         try:
             assert stream.status_code == 200, stream.text
-            lines = stream.iter_lines(decode_unicode=True)
-            texts = []
-            for line in lines:  # the first token: the request runs and holds its chunks
-                if line.startswith("data: "):
-                    texts.append(json.loads(line[len("data: "):])["choices"][0]["text"])
-                    break
+            events = (json.loads(line[len("data: "):])["choices"][0]["text"]
+                      for line in stream.iter_lines(decode_unicode=True)
+                      if line.startswith("data: ") and line != "data: [DONE]")
+            texts = [next(events)]  # the first token: the request runs and holds its chunks
             assert requests.get(f"{url}/v1/chunks/{b['id']}", timeout=10).json()["holders"] == 1
             refused = requests.post(f"{url}/v1/chunks", json={"token_ids": window(tiny_model, 400, 32)}, timeout=60)
             assert refused.status_code == 413 and "registry full" in refused.json()["error"]["message"], refused.text
@@ -633,8 +631,7 @@ def test_eviction_full_registry_and_deleting_a_chunk_in_use(tiny_model, tmp_path
             assert deleted.status_code == 200, deleted.text
             assert requests.get(f"{url}/v1/chunks/{b['id']}", timeout=10).status_code == 404
             assert chunk_stats(url)["pages_pinned"] == 4  # still held by the stream
-            after_delete = [json.loads(line[len("data: "):])["choices"][0]["text"]
-                            for line in lines if line.startswith("data: ") and line != "data: [DONE]"]
+            after_delete = list(events)
         finally:
             stream.close()
         assert after_delete, "the stream had ended before the chunk was deleted"

@@ -285,7 +285,11 @@ def generate(engine, prompts: list[list[int]], max_tokens: int) -> list[tuple[li
     from vllm import SamplingParams
 
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, logprobs=1)
-    outs = engine.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    return ids_and_logprobs(engine.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False))
+
+
+def ids_and_logprobs(outs) -> list[tuple[list[int], list[float]]]:
+    """vLLM's RequestOutputs (sampled with logprobs=1): (token ids, logprob of each) per request."""
     result = []
     for o in outs:
         ids = list(o.outputs[0].token_ids)

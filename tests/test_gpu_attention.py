@@ -11,20 +11,21 @@ from vllm_cascade.ops.torch_attention import cascade_attention
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-def run_against_torch(fi, fi_plan, ref_plan, table: np.ndarray, seq_lens: np.ndarray, qsl: np.ndarray,
-                      num_pages: int, chunks=None, query_table: torch.Tensor | None = None) -> float:
-    """One step on `fi` (a FlashInferCascade) with random bf16 cache and queries, against
-    cascade_attention in fp32 on `ref_plan` (the same attention as `fi_plan`). -> relative error; asserts no NaN."""
-    hkv, head_dim = fi.num_kv_heads, fi.head_dim
-    cache = torch.randn(num_pages, hkv, fi.page_size, 2 * head_dim, device="cuda", dtype=torch.bfloat16)
+def run_against_torch(kernel, kernel_plan, ref_plan, table: np.ndarray, seq_lens: np.ndarray, qsl: np.ndarray,
+                      num_pages: int, num_kv_heads: int, chunks=None, query_table: torch.Tensor | None = None) -> float:
+    """One step on `kernel` (a FlashInferCascade or TritonCascade) with random bf16 cache and queries,
+    against cascade_attention in fp32 on `ref_plan` (the same attention as `kernel_plan`).
+    -> relative error; asserts no NaN."""
+    head_dim = kernel.head_dim
+    cache = torch.randn(num_pages, num_kv_heads, kernel.page_size, 2 * head_dim, device="cuda", dtype=torch.bfloat16)
     k, v = cache[..., :head_dim], cache[..., head_dim:]
-    q = torch.randn(int(qsl[-1]), fi.num_qo_heads, head_dim, device="cuda", dtype=torch.bfloat16)
-    fi.plan(fi_plan, torch.from_numpy(table).to("cuda", torch.int32), seq_lens, qsl)
+    q = torch.randn(int(qsl[-1]), kernel.num_qo_heads, head_dim, device="cuda", dtype=torch.bfloat16)
+    kernel.plan(kernel_plan, torch.from_numpy(table).to("cuda", torch.int32), seq_lens, qsl)
     out = torch.full_like(q, float("nan"))
-    fi.run(q, k, v, out)
+    kernel.run(q, k, v, out)
     ref = torch.empty(q.shape, dtype=torch.float32)
     cascade_attention(q.cpu().float(), k.cpu().float(), v.cpu().float(), torch.from_numpy(table), seq_lens, qsl,
-                      ref_plan, fi.scale, ref, chunks, None if query_table is None else query_table.float())
+                      ref_plan, kernel.scale, ref, chunks, None if query_table is None else query_table.float())
     assert not torch.isnan(out).any()
     return float((out.cpu().float() - ref).norm() / ref.norm())
 
@@ -48,7 +49,7 @@ def test_flashinfer_matches_torch(head_dim, page, group, cascade):
         plan = plan_cascade(table, seq_lens, query_lens, page, max_levels=3 if cascade else 1,
                             min_saved_pages=1, min_saved_fraction=0.0)
         fi = FlashInferCascade(torch.device("cuda"), hkv * group, hkv, head_dim, page, torch.bfloat16, head_dim**-0.5)
-        err = run_against_torch(fi, plan, plan, table, seq_lens, qsl, num_pages)
+        err = run_against_torch(fi, plan, plan, table, seq_lens, qsl, num_pages, hkv)
         assert err < 1e-2, f"seed {seed}: relative error {err:.2e}, levels {plan.num_levels}"
         split_off += fi.num_decode_tokens > 0
     assert cascade or split_off, "no flat step with decode rows before prefill rows was drawn"
@@ -84,7 +85,7 @@ def test_flashinfer_chunk_steps_match_torch(group, page, query_rope):
                             shifts=shifts)
         split = split_uniform(plan, table, seq_lens, query_lens, page, annotated.valid)
         view = ChunkView(shifts, torch.from_numpy(annotated.valid.copy()), cos_sin)
-        err = run_against_torch(fi, split, plan, table, seq_lens, qsl, num_pages, view, model_table)
+        err = run_against_torch(fi, split, plan, table, seq_lens, qsl, num_pages, hkv, view, model_table)
         assert err < 1e-2, f"seed {seed}: relative error {err:.2e}, {fi.partial_rows} partial rows"
 
 
@@ -106,5 +107,5 @@ def test_flashinfer_rotates_queries_before_rope(cascade):
         qsl = np.concatenate([[0], np.cumsum(query_lens)])
         plan = plan_cascade(table, seq_lens, query_lens, page, max_levels=3 if cascade else 1,
                             min_saved_pages=1, min_saved_fraction=0.0)
-        err = run_against_torch(fi, plan, plan, table, seq_lens, qsl, num_pages, None, model_table)
+        err = run_against_torch(fi, plan, plan, table, seq_lens, qsl, num_pages, hkv, None, model_table)
         assert err < 1e-2, f"seed {seed}: relative error {err:.2e}"

@@ -20,6 +20,7 @@ from test_fused_qwen3 import (
     GPU_LOGPROB_TOL,
     common_prefix_deltas,
     generate,
+    ids_and_logprobs,
     perturbed_checkpoint,
 )
 
@@ -59,10 +60,7 @@ def test_gpu_exact_compositions_close_to_stock(tiny_model, session_tmp):
         assert_plugin_ran(engine.stats())
     finally:
         engine.shutdown()
-    composed = []
-    for o in outs:
-        ids = list(o.outputs[0].token_ids)
-        composed.append((ids, [step[t].logprob for t, step in zip(ids, o.outputs[0].logprobs)]))
+    composed = ids_and_logprobs(outs)
     assert [o.num_cached_tokens for o in outs] == [100, 250, 60]  # every chunk token from the pins
     assert [list(o.prompt_token_ids) for o in outs] == texts
     assert totals["chunk_steps"] > 0, totals  # pads masked by the plugin's kernels

@@ -18,6 +18,7 @@ import os
 import pytest
 import torch
 from conftest import CASCADE_ENGINE, assert_plugin_ran, make_engine
+from test_chunk_store import greedy
 from test_e2e_llm import window
 
 from vllm_cascade.chunks.store import ChunkStore
@@ -32,12 +33,6 @@ TP2 = {**CASCADE_ENGINE, "tensor_parallel_size": 2}
 def one_core_per_rank(monkeypatch):
     if "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
         monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", f"{CORES[0]}|{CORES[1]}")
-
-
-def greedy(max_tokens: int = 16):
-    from vllm import SamplingParams
-
-    return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
 
 
 def ranks_that_ran(engine) -> list[dict]:

@@ -172,6 +172,8 @@ def test_bf16_batches_match_reference(triton_cascade, head_dim, page, group, cas
     random bf16 batches (partial pages, prefill rows with context before their query mixed with
     decode rows, or decode steps alone) against the fp32 torch reference; relative error < 1e-2, no
     NaN. Half the draws use the backend's settings, half 2-page KV runs (long contexts split)."""
+    from test_gpu_attention import run_against_torch
+
     hkv, scale = 2, head_dim**-0.5
     for seed in range(6):
         rng = np.random.default_rng(seed * 1000 + head_dim + page + group)
@@ -184,17 +186,7 @@ def test_bf16_batches_match_reference(triton_cascade, head_dim, page, group, cas
         runs = {"pages_per_item": 32, "flat_pages_per_item": 64} if seed % 2 else {"pages_per_item": 2}
         kernel = triton_cascade.TritonCascade(hkv * group, hkv, page, scale, device="cuda", head_dim=head_dim,
                                               fill_programs=True, **runs)
-        cache = torch.randn(num_pages, hkv, page, 2 * head_dim, device="cuda", dtype=torch.bfloat16)
-        k, v = cache[..., :head_dim], cache[..., head_dim:]
-        q = torch.randn(int(qsl[-1]), hkv * group, head_dim, device="cuda", dtype=torch.bfloat16)
-        kernel.plan(plan, torch.from_numpy(table).to("cuda", torch.int32), seq_lens, qsl)
-        out = torch.full_like(q, float("nan"))
-        kernel.run(q, k, v, out)
-        ref = torch.empty(q.shape, dtype=torch.float32)
-        cascade_attention(q.cpu().float(), k.cpu().float(), v.cpu().float(), torch.from_numpy(table), seq_lens, qsl,
-                          plan, scale, ref)
-        assert not torch.isnan(out).any()
-        err = float((out.cpu().float() - ref).norm() / ref.norm())
+        err = run_against_torch(kernel, plan, plan, table, seq_lens, qsl, num_pages, hkv)
         assert err < 1e-2, f"seed {seed}: relative error {err:.2e}, levels {plan.num_levels}"
 
 
