@@ -3,7 +3,7 @@
 # tool's 10-minute limit per command (a process in its own session survives
 # the command that started it, until the machine goes back).
 #
-#   bash benchmarks/device_session.sh start STEP...   # after the bundle printed READY; returns at once
+#   bash benchmarks/device_session.sh start STEP[:SECONDS]...   # after the bundle printed READY; returns at once
 #   bash benchmarks/device_session.sh poll            # progress; copies finished logs to $OUT
 #
 # Steps run in the order given (a machine is held 30 minutes at most, so put
@@ -91,12 +91,13 @@ start)
     steps="${*:-throughput gpu-check gpu-tests kernel-bench}"
     mkdir -p "$RUN"
     export RUN
-    # A step that hangs (a stuck engine start) is killed after STEP_TIMEOUT_S (rc 124), not the queue.
+    # A step that hangs (a stuck engine start) is killed after its own SECONDS or STEP_TIMEOUT_S (rc 124), not the queue.
     setsid nohup bash -c '
         source benchmarks/device_env.sh
-        for name in '"$steps"'; do
+        for item in '"$steps"'; do
+            name=${item%%:*}; limit=${item#"$name"}; limit=${limit#:}
             echo "$(date +%T) start $name" >> "$RUN/progress"
-            timeout -k 10 "${STEP_TIMEOUT_S:-900}" bash benchmarks/device_session.sh step "$name" \
+            timeout -k 10 "${limit:-${STEP_TIMEOUT_S:-900}}" bash benchmarks/device_session.sh step "$name" \
                 > "$RUN/$name.log" 2>&1; rc=$?
             echo "$(date +%T) end $name rc=$rc" >> "$RUN/progress"
         done
