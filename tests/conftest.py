@@ -122,11 +122,15 @@ def make_engine(model: str | os.PathLike, stats_dir: str | os.PathLike, name: st
 
 
 def assert_plugin_ran(stats: list[dict], main_pid: int | None = None) -> None:
-    """The CASCADE backend computed attention in a process other than `main_pid`."""
+    """The CASCADE backend computed attention in a process other than `main_pid`, on this
+    platform's paths (the torch path on the CPU; Triton or FlashInfer on a GPU)."""
+    import torch
+
     main_pid = os.getpid() if main_pid is None else main_pid
+    paths = ("triton", "flashinfer") if torch.cuda.is_available() else ("torch",)
     assert stats, "no process wrote CASCADE counters: the backend never ran (another backend served?)"
-    ran = [s for s in stats if s["layer_calls"] > 0 and s["paths"].get("torch", 0) > 0]
-    assert ran, f"CASCADE counters show no attention call on the torch path: {stats}"
+    ran = [s for s in stats if s["layer_calls"] > 0 and any(s["paths"].get(p, 0) > 0 for p in paths)]
+    assert ran, f"CASCADE counters show no attention call on the {' or '.join(paths)} path: {stats}"
     assert all(s["pid"] != main_pid for s in ran), f"CASCADE ran in the main process, not a worker: {stats}"
 
 

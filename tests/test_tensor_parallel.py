@@ -104,7 +104,7 @@ def test_fused_class_on_two_ranks_equals_stock(tiny_model, tmp_path, reference_e
     finally:
         engine.shutdown()
     want = generate(reference_engine, PROMPTS, max_tokens=16)
-    assert [ids for ids, _ in got] == [ids for ids, _ in want]
+    assert [g.ids for g in got] == [g.ids for g in want]
     assert len(per_rank) == 2, per_rank
     for paths in per_rank:
         assert paths["class"] == ARCHITECTURE and paths["norms_folded"] == paths["layers"] > 0, per_rank
