@@ -1,10 +1,12 @@
-"""Registers and spills of the Triton partials kernel, compiled for sm_90 without a GPU.
+"""Registers, spills and pipelined loads of the Triton kernels, compiled for sm_90 without a GPU.
 
 Triton's wheel ships ptxas, so `triton.compile` with an explicit `GPUTarget` builds the cubin on
 any machine; `cuobjdump --dump-resource-usage` then gives the registers per thread and the stack,
-and the SASS's `STL` instructions count the spill stores. This is how the sixth session found
-that one kernel with a runtime chunk branch took 255 registers and spilled in its plain loop
-(benchmarks/RESULTS.md). A diagnostic for the dev machine: it uses no device time, and says
+and the SASS gives the spill stores (`STL`) and the software-pipelined loads (`LDGSTS`, cp.async).
+Each kernel is compiled as the JIT specializes a launch whose tensors are 16-byte aligned and whose
+integers are multiples of 16; the sixth and tenth sessions' tables were compiled without that, which
+leaves every load unvectorized and unpipelined, and their registers and spills do not hold
+(RESULTS.md, twelfth session). A diagnostic for the dev machine: it uses no device time, and says
 nothing about speed. The GPU machine's Triton may allocate differently.
 
     python benchmarks/kernel_registers.py [--arch 90] [--head-dim 128 --group 2 --page 16]
@@ -40,8 +42,12 @@ def resource_usage(fn, constexprs: dict, num_warps: int, num_stages: int | None,
         return "i32" if name.startswith("stride") else "*i32"
 
     names = fn.arg_names
-    source = ASTSource(fn=fn, signature={n: arg_type(n) for n in names},
-                       constexprs={(names.index(k),): v for k, v in constexprs.items()})
+    signature = {n: arg_type(n) for n in names}
+    # As the JIT specializes a launch: pointers 16-byte aligned and integers divisible by 16 carry that
+    # fact. Without it no load can be vectorized, and Triton does not pipeline them (cp.async) at all.
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if signature[n] not in ("constexpr", "fp32")}
+    source = ASTSource(fn=fn, signature=signature, constexprs={(names.index(k),): v for k, v in constexprs.items()},
+                       attrs=attrs)
     options = {"num_warps": num_warps, **({"num_stages": num_stages} if num_stages else {})}
     compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
     tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
@@ -53,7 +59,8 @@ def resource_usage(fn, constexprs: dict, num_warps: int, num_stages: int | None,
         sass = subprocess.run([os.path.join(tools, "cuobjdump"), "-sass", cubin.name],
                               capture_output=True, text=True, check=True).stdout
     found = re.search(r"REG:(\d+).*?STACK:(\d+)", usage)
-    return {"registers": int(found.group(1)), "stack": int(found.group(2)), "spill_stores": len(re.findall(r"\bSTL", sass))}
+    return {"registers": int(found.group(1)), "stack": int(found.group(2)), "spill_stores": len(re.findall(r"\bSTL", sass)),
+            "async_copies": len(re.findall(r"\bLDGSTS", sass))}
 
 
 def main() -> None:
@@ -72,7 +79,7 @@ def main() -> None:
                 (NARROW_M, Launch(num_warps=8)), (128, Launch(num_warps=8)), (64, Launch(block_n=64, num_warps=8))]
     print(f"sm_{args.arch}, head dim {args.head_dim}, G {args.group}, page {args.page}")
     print(f"{'specialization':<15} {'rows':>5} {'keys':>5} {'warps':>6} {'stages':>7} {'registers':>10} {'stack':>6} "
-          f"{'spill stores':>13}")
+          f"{'spill stores':>13} {'cp.async':>9}")
     def backend(chunks: bool) -> list[tuple[int, Launch]]:
         return [(64, default_launch(True, 64, chunks)), (NARROW_M, default_launch(False, 64, chunks))]
 
@@ -86,7 +93,8 @@ def main() -> None:
         use = resource_usage(_partials_kernel, constexprs, launch.num_warps, launch.num_stages, args.arch)
         name = ("chunks" if chunks else "plain") + (" + q rope" if q_rope else "") + mark
         print(f"{name:<15} {rows:>5} {launch.block_n:>5} {launch.num_warps:>6} "
-              f"{launch.num_stages or '-':>7} {use['registers']:>10} {use['stack']:>6} {use['spill_stores']:>13}",
+              f"{launch.num_stages or '-':>7} {use['registers']:>10} {use['stack']:>6} {use['spill_stores']:>13} "
+              f"{use['async_copies']:>9}",
               flush=True)
     # The chunk_prefill_kernel="flashinfer" path's own kernels: the query gather-rotate and the merge of
     # FlashInfer's bf16 partials (as FlashInferCascade launches them).
@@ -100,7 +108,7 @@ def main() -> None:
     ):
         use = resource_usage(fn, constexprs, 4, None, args.arch, pointers)
         print(f"{name:<15} {'-':>5} {'-':>5} {4:>6} {'-':>7} {use['registers']:>10} {use['stack']:>6} "
-              f"{use['spill_stores']:>13}", flush=True)
+              f"{use['spill_stores']:>13} {use['async_copies']:>9}", flush=True)
 
 
 if __name__ == "__main__":

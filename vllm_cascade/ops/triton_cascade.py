@@ -72,9 +72,9 @@ def _partials_kernel(
     # Persistent: the grid is fixed, programs stride over the items [range[0], range[1]) read from memory.
     h = tl.program_id(1)
     num_kv_heads = tl.num_programs(1)
-    # Two specializations, as one kernel with both branches needs 255 registers and spills in its plain
-    # loop (sm_90). The flag is read at run time: a captured graph launches both, and the one that does
-    # not match this step's flag has no items.
+    # Two specializations: one kernel with both branches made the H100's plain decode slower (sixth
+    # session). The flag is read at run time: a captured graph launches both, and the one that does not
+    # match this step's flag has no items.
     first_item, end_item = tl.load(item_range), tl.load(item_range + 1)
     if (tl.load(chunk_flag) != 0) != CHUNKS:
         end_item = first_item
@@ -225,7 +225,7 @@ def _merge_kernel(
 def default_launch(wide: bool, wide_m: int, chunks: bool) -> Launch:
     """Launch settings of a partials launch (H100 sweeps, kernel_bench.py --sweep): wide tiles read 64
     keys per step (8192-key shared level: 31.0 -> 25.8 us), except in the chunk specialization,
-    which is slower so (prefill_bench: 1.8 -> 3.1 ms; likely its extra registers, not inspected)."""
+    which is slower so (prefill_bench: 1.8 -> 3.1 ms; not inspected)."""
     if wide and not chunks:
         return Launch(block_n=64)
     return Launch(num_warps=8 if wide and wide_m > 64 else 4)
