@@ -119,7 +119,7 @@ poll)
     if [ -n "${OUT:-}" ]; then
         for f in "$RUN"/progress "$RUN"/*.log "$RUN"/profile-*.txt "$RUN"/model-check-*.json; do
             case "$(basename "$f")" in
-            model-bench*.log|model-check.log|model-check-unit.log|chunks-bench.log|chunks-profile.log|chunks-fi.log) ;;  # step logs named like engine logs
+            model-bench*.log|model-check.log|model-check-unit.log|chunks-bench.log|chunks-profile.log|chunks-fi.log|profile-ceiling.log) ;;  # step logs named like engine logs
             tput-*|check-*|profile-*.log|model-*.log|chunks-*) continue ;;
             esac
             [ -f "$f" ] && cp "$f" "$OUT/"
