@@ -50,6 +50,7 @@ pass's numbers are then those of an in-process engine.
 
 from __future__ import annotations
 
+import collections
 import cProfile
 import io
 import itertools
@@ -236,13 +237,15 @@ def _profile_summary(prof, t0: float, step_s: list[float], top: int = 10) -> dic
             "top_kernels_ms": {name: us / 1e3 for name, us in kernels}, "python_cumulative": text.getvalue()}
 
 
-def _ttft_parts(outs) -> dict[str, float]:
-    """Mean ms of TTFT's parts, from the engine core's timestamps (one clock) and the front end's TTFT."""
+def _ttft_parts(outs) -> dict:
+    """Mean ms of TTFT's parts, from the engine core's timestamps (one clock) and the front end's TTFT;
+    and how many requests each step first scheduled (the scheduler stamps one time per step)."""
     queue = [o.metrics.scheduled_ts - o.metrics.queued_ts for o in outs]
     compute = [o.metrics.first_token_ts - o.metrics.scheduled_ts for o in outs]
     front = [o.metrics.first_token_latency - (o.metrics.first_token_ts - o.metrics.queued_ts) for o in outs]
+    steps = collections.Counter(o.metrics.scheduled_ts for o in outs)
     return {"queue_ms": statistics.mean(queue) * 1e3, "scheduled_to_first_ms": statistics.mean(compute) * 1e3,
-            "front_end_ms": statistics.mean(front) * 1e3}
+            "front_end_ms": statistics.mean(front) * 1e3, "scheduled_per_step": [steps[t] for t in sorted(steps)]}
 
 
 def _setup_pass(side: Side, shape: Shape, variant: str, orders: list, phase: str) -> tuple[float, list, int]:
@@ -385,6 +388,7 @@ def main() -> None:
             parts = r["ttft_parts"]
             print(f"{'':<7} {b}: TTFT = queue {parts['queue_ms']:.1f} + scheduled to first token "
                   f"{parts['scheduled_to_first_ms']:.1f} + front end {parts['front_end_ms']:.1f} ms (means); "
+                  f"requests first scheduled per step {parts.get('scheduled_per_step')}; "
                   f"intake (enqueue) {r['intake_s'] * 1e3:.1f} ms")
             if "profile" in r:
                 prof = r["profile"]
