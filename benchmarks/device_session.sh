@@ -12,7 +12,7 @@
 # gpu-tests (the end-to-end chunk tests first; gpu-chunks: those alone; triton-tests: the kernel tests alone; attn-tests: both paths'
 # kernel tests, bf16 at the model's shapes included), kernel-bench (the nosharing and shared decode shapes;
 # kernel-shared: the shared shape alone (kernel-breakdown: with each kernel of a layer profiled; kernel-groups: the
-# groups shape, three levels, profiled); fused-tests: test_fused_qwen3.py; branch-fi, branch-triton, branch-kernel, branch-chunks: fi-tests, test_triton_cascade, kernel-breakdown and stock FLASHINFER against CASCADE's chunks_bench on the tree
+# groups shape, three levels, profiled; ncu-shared, ncu-groups: Nsight Compute on those shapes' decode launches); fused-tests: test_fused_qwen3.py; branch-fi, branch-triton, branch-kernel, branch-chunks: fi-tests, test_triton_cascade, kernel-breakdown and stock FLASHINFER against CASCADE's chunks_bench on the tree
 # unpacked in .branch; chunk-tests: the end-to-end chunk tests alone; rope-tests: the kernel tests of chunk steps and
 # of queries before RoPE (query_rope), both GPU paths; rope-e2e: the fused class on CASCADE, query_rope model and backend;
 # kernel-single: the single workload's batch-1 decode shape, with and without fill_programs;
@@ -75,6 +75,14 @@ run_step() {
     kernel-shared) python3 benchmarks/kernel_bench.py ;;
     kernel-breakdown) python3 benchmarks/kernel_bench.py --breakdown ;;
     kernel-groups) python3 benchmarks/kernel_bench.py --prefix 512 --groups 4 --doc 4096 --breakdown ;;
+    # Nsight Compute on the backend's decode launches (eager, in kernel_bench's NVTX range "ncu", the L2
+    # flushed before each layer): throughput against peak, memory, occupancy, warp stalls.
+    ncu-shared|ncu-groups) shape=""; [ "$1" = ncu-groups ] && shape="--prefix 512 --groups 4 --doc 4096"
+        "$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu | head -n 1)" --clock-control none \
+            --nvtx --nvtx-include "ncu/" -k regex:'_partials_kernel|_merge_kernel' --launch-count 8 \
+            --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats \
+            --section WarpStateStats --section SchedulerStats \
+            python3 benchmarks/kernel_bench.py $shape --ncu 4 ;;
     fused-tests) python3 -m pytest -q tests/test_fused_qwen3.py ;;
     # The same on a branch under test, its tree unpacked in .branch (git archive BRANCH | tar -x -C .branch)
     branch-fi) (cd .branch && PYTHONPATH=/root/site:$PWD python3 -m pytest -q tests/test_gpu_attention.py tests/test_uniform_segments.py) ;;

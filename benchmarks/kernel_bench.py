@@ -10,6 +10,7 @@ once with the L2 cache flushed before each call ("cold L2", what a layer of a
 model sees). Host planning time per step is reported apart.
 
     python benchmarks/kernel_bench.py [--prefix 8192 --own 192 --batch 64] [--groups G --doc D] [--sweep] [--breakdown]
+        [--ncu N]
 
 `--prefix 512 --groups 4 --doc 4096` is the `groups` shape (a 512-token system
 prefix for all, then one of 4 documents of 4096 tokens per 16 requests: three
@@ -99,6 +100,9 @@ def main() -> None:
     ap.add_argument("--sweep", action="store_true", help="time Triton launch settings under graph replay")
     ap.add_argument("--breakdown", action="store_true",
                     help="each kernel of the backend's decode graph and of the flat FlashInfer decode, profiled")
+    ap.add_argument("--ncu", type=int, default=0, metavar="N",
+                    help="only run the backend's decode launches N times in an NVTX range 'ncu', the L2 flushed "
+                         "before each, and exit: for Nsight Compute (device_session.sh's ncu-shared, ncu-groups)")
     args = ap.parse_args()
 
     import flashinfer
@@ -209,6 +213,18 @@ def main() -> None:
     backend_pages = 64 if plan.is_flat else 32
     # fill_programs (on in the backend): shorter KV runs when the step has few pages per program.
     variants["triton, backend decode settings, graph replay"] = replayed(backend_pages, fill=True)
+    if args.ncu:  # the same launches, eager, so Nsight Compute can pick them by NVTX range
+        layer = TritonCascade(hq, hkv, page, scale, head_dim=d, pages_per_item=backend_pages, fill_programs=True,
+                              capacity={"tokens": 512, "rows": 16384, "items": 16384})
+        layer.plan(plan, bt, seq_lens, qsl)
+        out, flush = torch.empty_like(q), torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+        layer.run(q, k, v, out)  # compiles
+        for _ in range(args.ncu):
+            flush.zero_()
+            with torch.cuda.nvtx.range("ncu"):
+                layer.run(q, k, v, out)
+        torch.cuda.synchronize()
+        return
     for per_sm in (2, 8):  # persistent programs per SM (the backend: 4)
         variants[f"triton, backend settings, {per_sm} programs/SM"] = replayed(backend_pages, None, per_sm, True)
     variants["triton, backend settings without fill_programs"] = replayed(backend_pages)
