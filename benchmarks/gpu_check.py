@@ -4,10 +4,12 @@ Runs Qwen3 (a real config with seeded random weights from
 vllm_cascade.testing.tiny_model.write_random_checkpoint; vLLM's dummy weights
 give uniform logits, which would make every backend agree) once per backend, each in its own
 process, on the same token-id prompts: greedy, `ignore_eos`, N new tokens with
-logprobs. Prints, against FLASH_ATTN: tokens equal up to the first divergence,
-and the largest |logprob| difference over the common prefix. FLASHINFER vs
-FLASH_ATTN gives the noise two correct bf16 backends show; CASCADE is held to
-the same tolerance.
+their top logprobs. Prints, against FLASH_ATTN and FLASHINFER: tokens equal up
+to the first divergence, the largest |logprob| difference over the common
+prefix, and where requests part, how far apart the two tokens are in the
+distribution that did not pick the other's (vllm_cascade.testing.greedy; a
+near-tie is small, a wrong token is not). FLASHINFER vs FLASH_ATTN gives the
+noise two correct bf16 backends show; CASCADE is held to the same tolerance.
 
 Workloads: `small` (one request alone, then 8 sharing a 1024-token prefix) and
 throughput.py's `shared` and `groups` prompts (64 requests; an 8192-token
@@ -26,6 +28,8 @@ import tempfile
 
 from harness import backend_arguments, engine_backend, run_per_backend, stats_line
 from throughput import workload
+
+from vllm_cascade.testing.greedy import TOP_K, Greedy, closeness, from_outputs
 
 BACKENDS = ["FLASH_ATTN", "FLASHINFER", "CASCADE"]
 
@@ -55,29 +59,20 @@ def run_one(args) -> None:
         gpu_memory_utilization=0.6,
         seed=0,
     )
-    params = SamplingParams(max_tokens=args.tokens, temperature=0.0, ignore_eos=True, logprobs=1)
+    params = SamplingParams(max_tokens=args.tokens, temperature=0.0, ignore_eos=True, logprobs=TOP_K)
     result = {}
     for name in args.workloads.split(","):
         result[name] = []
         for batch in batches(name):
             outs = llm.generate([{"prompt_token_ids": p} for p in batch], params, use_tqdm=False)
-            for o in outs:
-                c = o.outputs[0]
-                result[name].append({"ids": list(c.token_ids),
-                                     "lps": [lp[t].logprob for t, lp in zip(c.token_ids, c.logprobs)]})
+            result[name] += [g._asdict() for g in from_outputs(outs)]  # JSON: token ids become strings
     with open(args.out, "w") as f:
         json.dump({"outputs": result}, f)
 
 
-def compare(a: list[dict], b: list[dict]) -> tuple[int, int, float]:
-    """-> (requests identical, sum of equal-prefix lengths, max |dlogprob| on the prefix)."""
-    same, prefix, worst = 0, 0, 0.0
-    for x, y in zip(a, b):
-        n = next((i for i, (s, t) in enumerate(zip(x["ids"], y["ids"])) if s != t), len(x["ids"]))
-        same += n == len(x["ids"])
-        prefix += n
-        worst = max([worst] + [abs(p - q) for p, q in zip(x["lps"][:n], y["lps"][:n])])
-    return same, prefix, worst
+def greedy(run: dict) -> Greedy:
+    """One request's run as run_one saved it."""
+    return Greedy(run["ids"], run["logprobs"], [{int(t): lp for t, lp in step.items()} for step in run["top"]])
 
 
 def main() -> None:
@@ -97,15 +92,16 @@ def main() -> None:
     for name, counters in stats.items():
         print(f"{name} worker stats: {stats_line(counters)}")
     print(f"\n{'workload':<10} {'backend':<12} {'vs':<12} {'identical requests':>20} {'equal-prefix tokens':>20} "
-          f"{'max |dlogprob|':>15}")
+          f"{'max |dlogprob|':>15} {'max gap where parted':>21}")
     for name in args.workloads.split(","):
         for ref in ("FLASH_ATTN", "FLASHINFER"):
             for backend, outs in results.items():
                 if backend != ref and ref in results:
                     total = sum(len(o["ids"]) for o in outs[name])
-                    same, prefix, worst = compare(results[ref][name], outs[name])
-                    print(f"{name:<10} {backend:<12} {ref:<12} {same:>14}/{len(outs[name]):<5} {prefix:>13}/{total:<6} "
-                          f"{worst:>15.4f}")
+                    got = closeness([greedy(o) for o in results[ref][name]], [greedy(o) for o in outs[name]])
+                    same = sum(n == len(o["ids"]) for n, o in zip(got.prefixes, outs[name]))
+                    print(f"{name:<10} {backend:<12} {ref:<12} {same:>14}/{len(outs[name]):<5} "
+                          f"{sum(got.prefixes):>13}/{total:<6} {got.delta:>15.4f} {got.gap:>21.4f}")
 
 
 if __name__ == "__main__":

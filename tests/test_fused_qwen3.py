@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import pathlib
 import shutil
@@ -25,12 +24,17 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from typing import NamedTuple
 
 import pytest
 import torch
 
 from vllm_cascade.models.qwen3 import ARCHITECTURE, inverse_rms
+from vllm_cascade.testing.greedy import (
+    TOP_K,
+    Greedy,
+    closeness,
+    from_outputs,
+)
 
 ON_GPU = torch.cuda.is_available()
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # set before this process imported triton
@@ -282,31 +286,15 @@ def fused_paths(engine) -> dict:
         return engine.llm.apply_model(fused_paths_of)[0]
 
 
-TOP_K = 5  # logprobs per generated token, so a divergence can be judged in both distributions
-
-
-class Greedy(NamedTuple):
-    ids: list[int]
-    logprobs: list[float]  # of each generated token
-    top: list[dict[int, float]]  # the TOP_K most likely tokens of each step, with their logprobs
-
-
 def generate(engine, prompts: list[list[int]], max_tokens: int) -> list[Greedy]:
     """Greedy decoding, per prompt."""
     from vllm import SamplingParams
 
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, logprobs=TOP_K)
-    return ids_and_logprobs(engine.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False))
+    return from_outputs(engine.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False))
 
 
-def ids_and_logprobs(outs) -> list[Greedy]:
-    """vLLM's RequestOutputs (sampled with logprobs=TOP_K) -> one Greedy per request."""
-    result = []
-    for o in outs:
-        ids, steps = list(o.outputs[0].token_ids), o.outputs[0].logprobs
-        result.append(Greedy(ids, [step[t].logprob for t, step in zip(ids, steps)],
-                             [{t: lp.logprob for t, lp in step.items()} for step in steps]))
-    return result
+
 
 
 CPU_ENGINE = pytest.mark.skipif(ON_GPU, reason="fp32 tiny-model engines are the CPU's; the GPU test below is the GPU's")
@@ -424,40 +412,6 @@ def test_env_switch_serves_every_qwen3_with_the_fused_class(monkeypatch):
 # larger, and at most this much further than stock bf16 from fp32. (The GPU token check of
 # RESULTS.md found 0.16-0.20 between two stock backends on a 28-layer model; this one has 4 layers.)
 GPU_LOGPROB_TOL = 0.1
-
-
-class Closeness(NamedTuple):
-    delta: float  # max |logprob difference| of the greedy tokens over each prompt's common prefix
-    prefixes: list[int]  # each prompt's common prefix, in tokens
-    gap: float  # where a prompt's tokens part: how much less likely the other side's token is, in the
-    #             distribution that did not pick it (the larger of the two sides; inf: not in its top K)
-
-
-def closeness(a: list[Greedy], b: list[Greedy]) -> Closeness:
-    """How far two greedy runs of the same prompts are. Two correct bf16 runs may part where the two
-    most likely tokens are nearly tied; a wrong run parts where the reference is sure (a large gap).
-    vLLM's own model tests accept a parting when each token is in the other's top logprobs; here the
-    gap must also be small."""
-    worst, gap, prefixes = 0.0, 0.0, []
-    for x, y in zip(a, b):
-        n = next((i for i, (s, t) in enumerate(zip(x.ids, y.ids)) if s != t), min(len(x.ids), len(y.ids)))
-        prefixes.append(n)
-        worst = max([worst] + [abs(p - q) for p, q in zip(x.logprobs[:n], y.logprobs[:n])])
-        if n < min(len(x.ids), len(y.ids)):
-            gap = max(gap, x.logprobs[n] - x.top[n].get(y.ids[n], -math.inf),
-                      y.logprobs[n] - y.top[n].get(x.ids[n], -math.inf))
-    return Closeness(worst, prefixes, gap)
-
-
-def test_closeness_tells_near_ties_from_sure_partings():
-    ref = Greedy([5, 6, 7], [-0.1, -0.2, -0.3], [{5: -0.1, 9: -3.0}, {6: -0.2, 8: -0.25}, {7: -0.3}])
-    tie = Greedy([5, 8, 1], [-0.12, -0.21, -0.5], [{5: -0.12}, {8: -0.21, 6: -0.3}, {1: -0.5}])
-    got = closeness([tie], [ref])
-    assert got.prefixes == [1] and math.isclose(got.delta, 0.02) and math.isclose(got.gap, 0.09)
-    sure = Greedy([9], [-0.5], [{9: -0.5, 5: -0.7}])  # parts where the reference gave its token -3.0
-    assert math.isclose(closeness([sure], [ref]).gap, 2.9)
-    assert closeness([Greedy([9], [-0.5], [{9: -0.5}])], [ref]).gap == math.inf  # not even in the top K
-    assert closeness([ref], [ref]) == Closeness(0.0, [3], 0.0)
 
 
 def assert_close_in_bf16(ours: list[Greedy], stock_bf16: list[Greedy], stock_fp32: list[Greedy], name: str,

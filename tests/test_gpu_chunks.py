@@ -17,12 +17,12 @@ from conftest import AGGRESSIVE_CASCADE, assert_plugin_ran, make_engine
 from test_e2e_llm import window
 from test_fused_qwen3 import (
     GPU_ENGINE,
-    TOP_K,
     assert_close_in_bf16,
     generate,
-    ids_and_logprobs,
     perturbed_checkpoint,
 )
+
+from vllm_cascade.testing.greedy import TOP_K, from_outputs
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -60,7 +60,7 @@ def test_gpu_exact_compositions_close_to_stock(tiny_model, session_tmp):
         assert_plugin_ran(engine.stats())
     finally:
         engine.shutdown()
-    composed = ids_and_logprobs(outs)
+    composed = from_outputs(outs)
     assert [o.num_cached_tokens for o in outs] == [100, 250, 60]  # every chunk token from the pins
     assert [list(o.prompt_token_ids) for o in outs] == texts
     assert totals["chunk_steps"] > 0, totals  # pads masked by the plugin's kernels

@@ -1,0 +1,60 @@
+"""Greedy runs with their top logprobs, and how far two runs of the same prompts are.
+
+Two correct bf16 runs of one model may choose different tokens where the two
+most likely ones are nearly tied; a wrong run parts where the other was sure.
+So a comparison reads, besides the logprobs on the common prefix, the gap
+between the two tokens where the runs part, in both distributions. The GPU
+tests (tests/test_fused_qwen3.py, tests/test_gpu_chunks.py) and
+benchmarks/gpu_check.py judge runs this way.
+
+Example:
+    >>> ref = Greedy([5, 6], [-0.1, -0.2], [{5: -0.1}, {6: -0.2, 8: -0.25}])
+    >>> ours = Greedy([5, 8], [-0.12, -0.21], [{5: -0.12}, {8: -0.21, 6: -0.3}])
+    >>> got = closeness([ours], [ref])
+    >>> got.prefixes, round(got.delta, 2), round(got.gap, 2)
+    ([1], 0.02, 0.09)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+TOP_K = 5  # logprobs per generated token to request, so a parting can be judged in both distributions
+
+
+class Greedy(NamedTuple):
+    ids: list[int]
+    logprobs: list[float]  # of each generated token
+    top: list[dict[int, float]]  # the most likely tokens of each step (TOP_K and the chosen one), with logprobs
+
+
+def from_outputs(outs) -> list[Greedy]:
+    """vLLM's RequestOutputs (greedy, sampled with logprobs=TOP_K) -> one Greedy per request."""
+    result = []
+    for o in outs:
+        ids, steps = list(o.outputs[0].token_ids), o.outputs[0].logprobs
+        result.append(Greedy(ids, [step[t].logprob for t, step in zip(ids, steps)],
+                             [{t: lp.logprob for t, lp in step.items()} for step in steps]))
+    return result
+
+
+class Closeness(NamedTuple):
+    delta: float  # max |logprob difference| of the greedy tokens over each prompt's common prefix
+    prefixes: list[int]  # each prompt's common prefix, in tokens
+    gap: float  # where a prompt's tokens part: how much less likely the other side's token is, in the
+    #             distribution that did not pick it (the larger of the two sides; inf: not in its top K)
+
+
+def closeness(a: list[Greedy], b: list[Greedy]) -> Closeness:
+    """How far two greedy runs of the same prompts are (module doc). vLLM's own model tests accept a
+    parting when each token is in the other's top logprobs; the gap says by how much."""
+    worst, gap, prefixes = 0.0, 0.0, []
+    for x, y in zip(a, b):
+        n = next((i for i, (s, t) in enumerate(zip(x.ids, y.ids)) if s != t), min(len(x.ids), len(y.ids)))
+        prefixes.append(n)
+        worst = max([worst] + [abs(p - q) for p, q in zip(x.logprobs[:n], y.logprobs[:n])])
+        if n < min(len(x.ids), len(y.ids)):
+            gap = max(gap, x.logprobs[n] - x.top[n].get(y.ids[n], -math.inf),
+                      y.logprobs[n] - y.top[n].get(x.ids[n], -math.inf))
+    return Closeness(worst, prefixes, gap)
