@@ -29,7 +29,7 @@ import tempfile
 from harness import backend_arguments, engine_backend, run_per_backend, stats_line
 from throughput import workload
 
-from vllm_cascade.testing.greedy import TOP_K, Greedy, closeness, from_outputs
+from vllm_cascade.testing.greedy import Greedy, closeness, from_outputs, sampling_params
 
 BACKENDS = ["FLASH_ATTN", "FLASHINFER", "CASCADE"]
 
@@ -48,7 +48,7 @@ def batches(name: str) -> list[list[list[int]]]:
 
 
 def run_one(args) -> None:
-    from vllm import LLM, SamplingParams
+    from vllm import LLM
 
     llm = LLM(
         model=args.model,
@@ -59,7 +59,7 @@ def run_one(args) -> None:
         gpu_memory_utilization=0.6,
         seed=0,
     )
-    params = SamplingParams(max_tokens=args.tokens, temperature=0.0, ignore_eos=True, logprobs=TOP_K)
+    params = sampling_params(args.tokens)
     result = {}
     for name in args.workloads.split(","):
         result[name] = []

@@ -171,6 +171,20 @@ def main() -> None:
     max_levels = len(levels)  # as many as the shape has (the backend's default allows 3)
     plan = plan_cascade(table, seq_lens, np.ones(b, dtype=int), page, max_levels=max_levels)
     plan_us = host_us(lambda: plan_cascade(table, seq_lens, np.ones(b, dtype=int), page, max_levels=max_levels))
+    # The backend's decode kernel: 32 pages per item on cascade steps, 64 on flat ones.
+    backend_pages = 64 if plan.is_flat else 32
+    if args.ncu:  # the same launches, eager, so Nsight Compute can pick them by NVTX range
+        layer = TritonCascade(hq, hkv, page, scale, head_dim=d, pages_per_item=backend_pages, fill_programs=True,
+                              capacity={"tokens": 512, "rows": 16384, "items": 16384})
+        layer.plan(plan, bt, seq_lens, qsl)
+        out, flush = torch.empty_like(q), torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+        layer.run(q, k, v, out)  # compiles
+        for _ in range(args.ncu):
+            flush.zero_()
+            with torch.cuda.nvtx.range("ncu"):
+                layer.run(q, k, v, out)
+        torch.cuda.synchronize()
+        return
     ours = FlashInferCascade(torch.device("cuda"), hq, hkv, d, page, torch.bfloat16, scale)
     fi_plan_us = host_us(lambda: ours.plan(plan, bt, seq_lens, qsl))
 
@@ -209,22 +223,8 @@ def main() -> None:
         return lambda: (graph.replay(), graph_out, fixed)[1]  # `fixed` owns the buffers the graph reads
 
     variants["triton, fixed buffers, CUDA graph replay (16 pages/item)"] = replayed()
-    # The backend's decode kernel: 32 pages per item on cascade steps, 64 on flat ones.
-    backend_pages = 64 if plan.is_flat else 32
     # fill_programs (on in the backend): shorter KV runs when the step has few pages per program.
     variants["triton, backend decode settings, graph replay"] = replayed(backend_pages, fill=True)
-    if args.ncu:  # the same launches, eager, so Nsight Compute can pick them by NVTX range
-        layer = TritonCascade(hq, hkv, page, scale, head_dim=d, pages_per_item=backend_pages, fill_programs=True,
-                              capacity={"tokens": 512, "rows": 16384, "items": 16384})
-        layer.plan(plan, bt, seq_lens, qsl)
-        out, flush = torch.empty_like(q), torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
-        layer.run(q, k, v, out)  # compiles
-        for _ in range(args.ncu):
-            flush.zero_()
-            with torch.cuda.nvtx.range("ncu"):
-                layer.run(q, k, v, out)
-        torch.cuda.synchronize()
-        return
     for per_sm in (2, 8):  # persistent programs per SM (the backend: 4)
         variants[f"triton, backend settings, {per_sm} programs/SM"] = replayed(backend_pages, None, per_sm, True)
     variants["triton, backend settings without fill_programs"] = replayed(backend_pages)

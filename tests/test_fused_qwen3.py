@@ -29,12 +29,7 @@ import pytest
 import torch
 
 from vllm_cascade.models.qwen3 import ARCHITECTURE, inverse_rms
-from vllm_cascade.testing.greedy import (
-    TOP_K,
-    Greedy,
-    closeness,
-    from_outputs,
-)
+from vllm_cascade.testing.greedy import Greedy, closeness, from_outputs, sampling_params
 
 ON_GPU = torch.cuda.is_available()
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # set before this process imported triton
@@ -288,13 +283,8 @@ def fused_paths(engine) -> dict:
 
 def generate(engine, prompts: list[list[int]], max_tokens: int) -> list[Greedy]:
     """Greedy decoding, per prompt."""
-    from vllm import SamplingParams
-
-    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, logprobs=TOP_K)
-    return from_outputs(engine.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False))
-
-
-
+    return from_outputs(engine.llm.generate([{"prompt_token_ids": p} for p in prompts], sampling_params(max_tokens),
+                                            use_tqdm=False))
 
 
 CPU_ENGINE = pytest.mark.skipif(ON_GPU, reason="fp32 tiny-model engines are the CPU's; the GPU test below is the GPU's")

@@ -22,14 +22,12 @@ from test_fused_qwen3 import (
     perturbed_checkpoint,
 )
 
-from vllm_cascade.testing.greedy import TOP_K, from_outputs
+from vllm_cascade.testing.greedy import from_outputs, sampling_params
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 def test_gpu_exact_compositions_close_to_stock(tiny_model, session_tmp):
-    from vllm import SamplingParams
-
     from vllm_cascade.chunks.store import ChunkStore
 
     path = perturbed_checkpoint(tiny_model, session_tmp / "tiny-qwen3-perturbed-chunks", untie=False)
@@ -53,9 +51,8 @@ def test_gpu_exact_compositions_close_to_stock(tiny_model, session_tmp):
         a = store.register_chunk(token_ids=system, kind="system")
         b = store.register_chunk(token_ids=doc, parent=a.chunk_id)
         c = store.register_chunk(token_ids=alone)
-        params = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True, logprobs=TOP_K)
         outs = store.generate([{"chunks": [a.chunk_id], "tail": tail}, {"chunks": [a.chunk_id, b.chunk_id], "tail": tail},
-                               {"chunks": [c.chunk_id], "tail": tail}], params)
+                               {"chunks": [c.chunk_id], "tail": tail}], sampling_params(32))
         totals = engine.totals()
         assert_plugin_ran(engine.stats())
     finally:

@@ -29,8 +29,15 @@ class Greedy(NamedTuple):
     top: list[dict[int, float]]  # the most likely tokens of each step (TOP_K and the chosen one), with logprobs
 
 
+def sampling_params(max_tokens: int):
+    """Greedy decoding of `max_tokens` tokens (no EOS stop) with TOP_K logprobs: what `from_outputs` reads."""
+    from vllm import SamplingParams
+
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, logprobs=TOP_K)
+
+
 def from_outputs(outs) -> list[Greedy]:
-    """vLLM's RequestOutputs (greedy, sampled with logprobs=TOP_K) -> one Greedy per request."""
+    """vLLM's RequestOutputs (sampled with `sampling_params`) -> one Greedy per request."""
     result = []
     for o in outs:
         ids, steps = list(o.outputs[0].token_ids), o.outputs[0].logprobs
