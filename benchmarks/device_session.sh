@@ -76,12 +76,14 @@ run_step() {
     kernel-breakdown) python3 benchmarks/kernel_bench.py --breakdown ;;
     kernel-groups) python3 benchmarks/kernel_bench.py --prefix 512 --groups 4 --doc 4096 --breakdown ;;
     # Nsight Compute on the backend's decode launches (eager, in kernel_bench's NVTX range "ncu", the L2
-    # flushed before each layer): throughput against peak, memory, occupancy, warp stalls.
+    # flushed before each layer): throughput against peak, memory, compute pipes, occupancy, warp stalls and where
+    # in the code they are.
     ncu-shared|ncu-groups) shape=""; [ "$1" = ncu-groups ] && shape="--prefix 512 --groups 4 --doc 4096"
         "$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu | head -n 1)" --clock-control none \
             --nvtx --nvtx-include "ncu/" -k regex:'_partials_kernel|_merge_kernel' --launch-count 8 \
             --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats \
-            --section WarpStateStats --section SchedulerStats \
+            --section WarpStateStats --section SchedulerStats --section ComputeWorkloadAnalysis \
+            --section InstructionStats --section SourceCounters \
             python3 benchmarks/kernel_bench.py $shape --ncu 4 ;;
     fused-tests) python3 -m pytest -q tests/test_fused_qwen3.py ;;
     # The same on a branch under test, its tree unpacked in .branch (git archive BRANCH | tar -x -C .branch)
