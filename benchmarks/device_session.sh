@@ -75,12 +75,12 @@ run_step() {
     kernel-shared) python3 benchmarks/kernel_bench.py ;;
     kernel-breakdown) python3 benchmarks/kernel_bench.py --breakdown ;;
     kernel-groups) python3 benchmarks/kernel_bench.py --prefix 512 --groups 4 --doc 4096 --breakdown ;;
-    # Nsight Compute on the backend's decode launches (eager, in kernel_bench's NVTX range "ncu", the L2
-    # flushed before each layer): throughput against peak, memory, compute pipes, occupancy, warp stalls and where
+    # Nsight Compute on the backend's decode launches (eager; the first layer's three, which compile, skipped;
+    # ncu flushes the caches before each): throughput against peak, memory, compute pipes, occupancy, warp stalls and where
     # in the code they are.
     ncu-shared|ncu-groups) shape=""; [ "$1" = ncu-groups ] && shape="--prefix 512 --groups 4 --doc 4096"
         "$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu | head -n 1)" --clock-control none \
-            --nvtx --nvtx-include "ncu/" -k regex:'_partials_kernel|_merge_kernel' --launch-count 8 \
+            -k regex:'_partials_kernel|_merge_kernel' --launch-skip 3 --launch-count 9 \
             --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats \
             --section WarpStateStats --section SchedulerStats --section ComputeWorkloadAnalysis \
             --section InstructionStats --section SourceCounters \
