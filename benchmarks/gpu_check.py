@@ -70,11 +70,6 @@ def run_one(args) -> None:
         json.dump({"outputs": result}, f)
 
 
-def greedy(run: dict) -> Greedy:
-    """One request's run as run_one saved it."""
-    return Greedy(run["ids"], run["logprobs"], [{int(t): lp for t, lp in step.items()} for step in run["top"]])
-
-
 def main() -> None:
     ap = backend_arguments(__doc__.splitlines()[0], BACKENDS)
     ap.add_argument("--tokens", type=int, default=64)
@@ -98,7 +93,7 @@ def main() -> None:
             for backend, outs in results.items():
                 if backend != ref and ref in results:
                     total = sum(len(o["ids"]) for o in outs[name])
-                    got = closeness([greedy(o) for o in results[ref][name]], [greedy(o) for o in outs[name]])
+                    got = closeness(*([Greedy.from_dict(o) for o in runs[name]] for runs in (results[ref], outs)))
                     same = sum(n == len(o["ids"]) for n, o in zip(got.prefixes, outs[name]))
                     print(f"{name:<10} {backend:<12} {ref:<12} {same:>14}/{len(outs[name]):<5} "
                           f"{sum(got.prefixes):>13}/{total:<6} {got.delta:>15.4f} {got.gap:>21.4f}")

@@ -14,15 +14,18 @@ prompts submitted together).
 
 Prints last, per model and batch: the max |Δlogprob| of the greedy tokens over
 each request's common token prefix for fused vs stock bf16, fused vs fp32 and
-stock bf16 vs fp32; the shortest common prefix and the requests with identical
-tokens (fused vs stock, stock vs fp32); pass or FAIL against the tolerance of
-the GPU test (tests/test_fused_qwen3.py, GPU_LOGPROB_TOL = 0.1):
-fused-stock <= max(0.1, stock-fp32) and fused-fp32 <= stock-fp32 + 0.1. The
-prefixes are shown, not judged: a deep random network has near-ties that bf16
-rounding flips for two correct runs too. Before the table, the script checks
-through `LLM.apply_model` that the fused run built the fused class with every
-layer on its fused paths (Triton epilogues and residual-in-GEMM on CUDA) and
-that the stock runs did not. Exits 1 on any failure.
+stock bf16 vs fp32; where fused parts from fp32, how far apart the two tokens
+are; the shortest common prefix and the requests with identical tokens (fused
+vs stock, stock vs fp32); pass or FAIL by the GPU tests' bf16 rule for the
+fused class (vllm_cascade.testing.greedy.bf16_problems, same_roundings=False):
+fused-fp32 <= stock-fp32 + 0.1, parting from fp32 only at near-ties. Fused vs
+stock bf16 is shown, not judged: the fused class rounds elsewhere than stock
+(fp32 epilogues, folded norm weights), so the two bf16 runs' errors add up.
+The prefixes are shown, not judged: a deep random network has near-ties that
+bf16 rounding flips for two correct runs too. Before the table, the script
+checks through `LLM.apply_model` that the fused run built the fused class with
+every layer on its fused paths (Triton epilogues and residual-in-GEMM on CUDA)
+and that the stock runs did not. Exits 1 on any failure.
 
 FLASH_ATTN has no fp32, so the reference runs on `--ref-backend` (TRITON_ATTN).
 Depth: a config with hidden_size >= 4096 (Qwen3-8B) is cut to 8 layers unless
@@ -57,7 +60,8 @@ import time
 from harness import run_script
 from model_bench import DEFAULT_MODELS, FUSED, VARIANTS, VOCAB_LOW
 
-TOL = 0.1  # tests/test_fused_qwen3.py GPU_LOGPROB_TOL
+from vllm_cascade.testing.greedy import LOGPROB_TOL, Greedy, bf16_problems, closeness
+
 WIDE_HIDDEN, WIDE_LAYERS = 4096, 8  # default depth of configs at least this wide
 MAX_PROMPT = 1500
 SINGLE_PROMPTS = 4  # prompts run one at a time for batch 1
@@ -129,24 +133,23 @@ def prompts(batch: int, vocab: int) -> list[list[int]]:
 
 
 def run_child(args) -> None:
-    from vllm import LLM, SamplingParams
+    from vllm import LLM
     from vllm.platforms import current_platform
 
     from vllm_cascade.models.qwen3 import fused_paths_of
+    from vllm_cascade.testing.greedy import from_outputs, sampling_params
 
     llm = LLM(model=args.model, skip_tokenizer_init=True, dtype=args.dtype, attention_backend=args.backend,
               max_model_len=args.max_model_len, gpu_memory_utilization=args.gpu_memory_utilization,
               enforce_eager=args.enforce_eager, seed=0, **VARIANTS[args.child])
-    params = SamplingParams(max_tokens=args.tokens, temperature=0.0, ignore_eos=True, logprobs=1)
+    params = sampling_params(args.tokens)
     vocab = llm.llm_engine.model_config.hf_config.vocab_size
     result = {"paths": llm.apply_model(fused_paths_of)[0], "cuda": current_platform.is_cuda(), "batches": {}}
     for batch in map(int, args.batches.split(",")):
         ps = prompts(batch, vocab)
         groups = [[p] for p in ps] if batch == 1 else [ps]  # batch 1: each prompt alone
         outs = [o for g in groups for o in llm.generate([{"prompt_token_ids": p} for p in g], params, use_tqdm=False)]
-        result["batches"][batch] = [
-            {"ids": list(o.outputs[0].token_ids),
-             "lps": [lp[t].logprob for t, lp in zip(o.outputs[0].token_ids, o.outputs[0].logprobs)]} for o in outs]
+        result["batches"][batch] = [g._asdict() for g in from_outputs(outs)]
     with open(args.out, "w") as f:
         json.dump(result, f)
 
@@ -178,26 +181,17 @@ def paths_problem(name: str, result: dict, layers: int) -> str | None:
     return None if got == want else f"fused class not on its fused paths: got {paths}, want {want}"
 
 
-def compare(a: list[dict], b: list[dict]) -> tuple[float, int, int]:
-    """-> (max |Δlogprob| over each request's common token prefix, shortest such prefix, requests identical)."""
-    worst, shortest, same = 0.0, 10**9, 0
-    for x, y in zip(a, b, strict=True):
-        n = next((i for i, (s, t) in enumerate(zip(x["ids"], y["ids"])) if s != t), min(len(x["ids"]), len(y["ids"])))
-        shortest, same = min(shortest, n), same + (x["ids"] == y["ids"])
-        worst = max([worst] + [abs(p - q) for p, q in zip(x["lps"][:n], y["lps"][:n])])
-    return worst, shortest, same
-
-
 def row(batch: str, results: dict[str, dict]) -> tuple[str, bool]:
     """A table line for one batch size (after the model column), and whether it passes."""
-    outs = {name: r["batches"][batch] for name, r in results.items()}
-    fused_stock, prefix, same = compare(outs["fused"], outs["stock"])
-    fused_ref, _, _ = compare(outs["fused"], outs["stock-fp32"])
-    stock_ref, ref_prefix, ref_same = compare(outs["stock"], outs["stock-fp32"])
-    ok = fused_stock <= max(TOL, stock_ref) and fused_ref <= stock_ref + TOL
-    n = len(outs["fused"])
-    return (f"{batch:>5} {fused_stock:>12.4f} {fused_ref:>11.4f} {stock_ref:>11.4f} {prefix:>8} "
-            f"{ref_prefix:>8} {f'{same}/{n}':>8} {f'{ref_same}/{n}':>8}  {'pass' if ok else 'FAIL'}"), ok
+    outs = {name: [Greedy.from_dict(run) for run in r["batches"][batch]] for name, r in results.items()}
+    fused_stock, fused_ref = closeness(outs["fused"], outs["stock"]), closeness(outs["fused"], outs["stock-fp32"])
+    stock_ref = closeness(outs["stock"], outs["stock-fp32"])
+    ok = not bf16_problems(fused_stock, fused_ref, stock_ref, same_roundings=False)
+    n, same = len(outs["fused"]), (sum(p == len(g.ids) for p, g in zip(c.prefixes, outs["fused"]))
+                                   for c in (fused_stock, stock_ref))
+    return (f"{batch:>5} {fused_stock.delta:>12.4f} {fused_ref.delta:>11.4f} {stock_ref.delta:>11.4f} "
+            f"{fused_ref.gap:>9.4f} {min(fused_stock.prefixes):>8} {min(stock_ref.prefixes):>8} "
+            f"{f'{next(same)}/{n}':>8} {f'{next(same)}/{n}':>8}  {'pass' if ok else 'FAIL'}"), ok
 
 
 def main() -> None:
@@ -246,10 +240,11 @@ def main() -> None:
         print(problem)
     width = max([len(label) for label, _ in lines] + [5])
     print(f"\nmax |Δlogprob| of the greedy tokens over each request's common prefix; {args.tokens} new tokens; "
-          f"pass: fused-stock <= max({TOL}, stock-fp32) and fused-fp32 <= stock-fp32 + {TOL}")
+          f"pass: fused-fp32 <= stock-fp32 + {LOGPROB_TOL}, gap f-fp32 <= 2 max({LOGPROB_TOL}, stock-fp32)")
     print(f"{'model':<{width}} {'batch':>5} {'fused-stock':>12} {'fused-fp32':>11} {'stock-fp32':>11} "
-          f"{'prefix':>8} {'prefix':>8} {'same':>8} {'same':>8}")
-    print(f"{'':<{width}} {'':>5} {'':>12} {'':>11} {'':>11} {'f-s min':>8} {'s-fp32':>8} {'f-s':>8} {'s-fp32':>8}")
+          f"{'gap':>9} {'prefix':>8} {'prefix':>8} {'same':>8} {'same':>8}")
+    print(f"{'':<{width}} {'':>5} {'':>12} {'':>11} {'':>11} {'f-fp32':>9} {'f-s min':>8} {'s-fp32':>8} "
+          f"{'f-s':>8} {'s-fp32':>8}")
     for label, line in lines:
         print(f"{label:<{width}} {line}")
     passed = ok and not problems and bool(lines)

@@ -29,7 +29,13 @@ import pytest
 import torch
 
 from vllm_cascade.models.qwen3 import ARCHITECTURE, inverse_rms
-from vllm_cascade.testing.greedy import Greedy, closeness, from_outputs, sampling_params
+from vllm_cascade.testing.greedy import (
+    Greedy,
+    bf16_problems,
+    closeness,
+    from_outputs,
+    sampling_params,
+)
 
 ON_GPU = torch.cuda.is_available()
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # set before this process imported triton
@@ -396,31 +402,19 @@ def test_env_switch_serves_every_qwen3_with_the_fused_class(monkeypatch):
 
 # ----------------------------------------------------------------------------- GPU
 
-# bf16 tolerance, in logprob (natural log) of the greedy tokens over their common prefix. Stock bf16
-# is itself some distance from stock fp32 (0.175 on the H100 for this model); the fused class may be
-# at most that far from stock bf16 (two bf16 roundings of the same math), or this much, whichever is
-# larger, and at most this much further than stock bf16 from fp32. (The GPU token check of
-# RESULTS.md found 0.16-0.20 between two stock backends on a 28-layer model; this one has 4 layers.)
-GPU_LOGPROB_TOL = 0.1
-
-
 def assert_close_in_bf16(ours: list[Greedy], stock_bf16: list[Greedy], stock_fp32: list[Greedy], name: str,
-                         same_roundings: bool = True) -> None:
-    """`ours` (bf16) against stock bf16 and the fp32 reference, with tol = max(GPU_LOGPROB_TOL, stock
-    bf16's own distance from fp32):
-    - never much further from fp32 than stock bf16: within stock's distance + GPU_LOGPROB_TOL;
-    - with `same_roundings` (the same math rounded about as often as stock's), as close to stock bf16
-      as two such roundings are: within tol;
-    - parting only at near-ties, 2 tol apart at most (each of the two tokens' logprobs may move by tol)."""
+                         same_roundings: bool) -> None:
+    """`ours` (bf16) held to vllm_cascade.testing.greedy's bf16 rule: as accurate as stock bf16 against
+    the fp32 reference, and with `same_roundings` also within stock bf16's own distance of it. (The GPU
+    token check of RESULTS.md found 0.16-0.20 between two stock backends on a 28-layer model; this one
+    has 4 layers, and stock bf16 is 0.16-0.18 from fp32 on the H100.)"""
     ref = closeness(stock_bf16, stock_fp32)
     got, got_fp32 = closeness(ours, stock_bf16), closeness(ours, stock_fp32)
-    tol = max(GPU_LOGPROB_TOL, ref.delta)
     print(f"{name}: vs stock bf16 max |dlogprob| {got.delta:.4f}, common prefixes {got.prefixes}, gap where parted "
           f"{got.gap:.4f}; vs fp32 {got_fp32.delta:.4f}, prefixes {got_fp32.prefixes}, gap {got_fp32.gap:.4f}; "
-          f"stock bf16 vs fp32 {ref.delta:.4f}, prefixes {ref.prefixes}, gap {ref.gap:.4f}; tol {tol:.4f}")
-    assert got_fp32.delta <= ref.delta + GPU_LOGPROB_TOL and got_fp32.gap <= 2 * tol, (name, got_fp32, ref)
-    if same_roundings:
-        assert got.delta <= tol and got.gap <= 2 * tol, (name, got, tol)
+          f"stock bf16 vs fp32 {ref.delta:.4f}, prefixes {ref.prefixes}, gap {ref.gap:.4f}")
+    problems = bf16_problems(got, got_fp32, ref, same_roundings)
+    assert not problems, (name, problems)
 
 
 # TRITON_ATTN: one backend for bf16 and the fp32 reference (FLASH_ATTN has no fp32), FULL graphs for decode.
@@ -460,7 +454,11 @@ def test_gpu_logprobs_close_to_stock_qwen3(gpu_stock_runs, session_tmp, settings
     assert paths == {"class": ARCHITECTURE, "layers": layers, "qk_kernel": layers, "silu_kernel": layers,
                      "residual_in_gemm": layers if in_gemm else 0, "unrotated_query": 0,
                      "norms_folded": layers}, paths
-    assert_close_in_bf16(fused, gpu_stock_runs["stock"], gpu_stock_runs["stock-fp32"], "fused")
+    # Its epilogues round once in fp32 where stock rounds each op to bf16, and the norm weights are folded
+    # into the GEMMs: other roundings, so it is held to fp32 (RESULTS, twelfth session: on the 28-layer
+    # 0.6B config it is as close to fp32 as stock bf16, and 0.21-0.23 from stock bf16).
+    assert_close_in_bf16(fused, gpu_stock_runs["stock"], gpu_stock_runs["stock-fp32"], "fused",
+                         same_roundings=False)
 
 
 @pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
@@ -482,9 +480,8 @@ def test_gpu_query_before_rope_close_to_stock_qwen3(gpu_stock_runs, session_tmp)
         assert paths["unrotated_query"] == unrotated and (totals["query_rope_calls"] > 0) == (rope == "backend"), totals
         assert totals["cascade_steps"] > 0, totals
         runs[rope] = out
-    # "backend" rounds the query to bf16 twice on plain levels (the model's query before RoPE, then the
-    # backend's rotation of it) where stock and "model" round it once (RESULTS, tenth session): it is held
-    # to the fp32 reference only. On the H100 it was 0.198 from stock bf16, stock 0.175 from fp32 (twelfth).
+    # Both are the fused class (held to fp32, as above); "backend" also rounds the query to bf16 twice on
+    # plain levels (RESULTS, tenth session). On the H100: 0.131 and 0.198 from stock bf16 (twelfth).
     for rope, out in runs.items():
         assert_close_in_bf16(out, gpu_stock_runs["stock"], gpu_stock_runs["stock-fp32"], f"query_rope={rope}",
-                             same_roundings=rope == "model")
+                             same_roundings=False)

@@ -62,4 +62,5 @@ def test_gpu_exact_compositions_close_to_stock(tiny_model, session_tmp):
     assert [list(o.prompt_token_ids) for o in outs] == texts
     assert totals["chunk_steps"] > 0, totals  # pads masked by the plugin's kernels
 
-    assert_close_in_bf16(composed, stock["bfloat16"], stock["float32"], "composed")
+    # The same model, only the attention kernels differ: rounded where stock rounds.
+    assert_close_in_bf16(composed, stock["bfloat16"], stock["float32"], "composed", same_roundings=True)

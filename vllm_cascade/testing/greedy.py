@@ -4,8 +4,9 @@ Two correct bf16 runs of one model may choose different tokens where the two
 most likely ones are nearly tied; a wrong run parts where the other was sure.
 So a comparison reads, besides the logprobs on the common prefix, the gap
 between the two tokens where the runs part, in both distributions. The GPU
-tests (tests/test_fused_qwen3.py, tests/test_gpu_chunks.py) and
-benchmarks/gpu_check.py judge runs this way.
+tests (tests/test_fused_qwen3.py, tests/test_gpu_chunks.py),
+benchmarks/gpu_check.py and benchmarks/model_check.py judge runs this way;
+`bf16_problems` is the rule a bf16 run is held to.
 
 Example:
     >>> ref = Greedy([5, 6], [-0.1, -0.2], [{5: -0.1}, {6: -0.2, 8: -0.25}])
@@ -27,6 +28,11 @@ class Greedy(NamedTuple):
     ids: list[int]
     logprobs: list[float]  # of each generated token
     top: list[dict[int, float]]  # the most likely tokens of each step (TOP_K and the chosen one), with logprobs
+
+    @classmethod
+    def from_dict(cls, run: dict) -> Greedy:
+        """A run from its `_asdict()` after a JSON round trip (which made the token ids strings)."""
+        return cls(run["ids"], run["logprobs"], [{int(t): lp for t, lp in step.items()} for step in run["top"]])
 
 
 def sampling_params(max_tokens: int):
@@ -65,3 +71,36 @@ def closeness(a: list[Greedy], b: list[Greedy]) -> Closeness:
             gap = max(gap, x.logprobs[n] - x.top[n].get(y.ids[n], -math.inf),
                       y.logprobs[n] - y.top[n].get(x.ids[n], -math.inf))
     return Closeness(worst, prefixes, gap)
+
+
+LOGPROB_TOL = 0.1  # nats: how much further from fp32 than stock bf16 a bf16 run may be
+
+
+def bf16_problems(ours_stock: Closeness, ours_fp32: Closeness, stock_fp32: Closeness,
+                  same_roundings: bool) -> list[str]:
+    """Why a bf16 run breaks the bf16 rule (empty: it holds), from its closeness to stock bf16 and to
+    the fp32 reference, and stock bf16's to fp32. With tol = max(LOGPROB_TOL, stock bf16's distance):
+    - as accurate as stock bf16: at most LOGPROB_TOL further from fp32, parting from it at near-ties
+      only (2 tol: each of the two tokens may move by tol);
+    - with `same_roundings` (the same math rounded where stock rounds it, e.g. another attention
+      kernel), also within tol of stock bf16 and parting from it at near-ties only. A computation that
+      rounds elsewhere (fused epilogues in fp32, folded norm weights) is as far from stock bf16 as the
+      two roundings' errors add up to, so only its distance from fp32 is judged.
+
+    >>> ok, far = Closeness(0.15, [8], 0.0), Closeness(0.3, [8], 0.0)
+    >>> bf16_problems(far, ok, ok, same_roundings=False)
+    []
+    >>> bf16_problems(far, ok, ok, same_roundings=True)
+    ['0.3000 from stock bf16 > tol 0.1500']
+    """
+    tol = max(LOGPROB_TOL, stock_fp32.delta)
+    problems = []
+    if ours_fp32.delta > stock_fp32.delta + LOGPROB_TOL:
+        problems.append(f"{ours_fp32.delta:.4f} from fp32 > stock bf16's {stock_fp32.delta:.4f} + {LOGPROB_TOL}")
+    if ours_fp32.gap > 2 * tol:
+        problems.append(f"parts from fp32 where the tokens are {ours_fp32.gap:.4f} apart > 2 tol {2 * tol:.4f}")
+    if same_roundings and ours_stock.delta > tol:
+        problems.append(f"{ours_stock.delta:.4f} from stock bf16 > tol {tol:.4f}")
+    if same_roundings and ours_stock.gap > 2 * tol:
+        problems.append(f"parts from stock bf16 where the tokens are {ours_stock.gap:.4f} apart > 2 tol {2 * tol:.4f}")
+    return problems
