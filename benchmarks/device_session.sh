@@ -12,9 +12,9 @@
 # gpu-tests (the end-to-end chunk tests first; gpu-chunks: those alone; triton-tests: the kernel tests alone; attn-tests: both paths'
 # kernel tests, bf16 at the model's shapes included), kernel-bench (the nosharing and shared decode shapes;
 # kernel-shared: the shared shape alone (kernel-breakdown: with each kernel of a layer profiled; kernel-groups: the
-# groups shape, three levels, profiled; ncu-shared, ncu-groups: Nsight Compute on those shapes' decode launches); fused-tests: test_fused_qwen3.py; branch-fi, branch-triton, branch-kernel, branch-chunks: fi-tests, test_triton_cascade, kernel-breakdown and stock FLASHINFER against CASCADE's chunks_bench on the tree
+# groups shape, three levels, profiled; ncu-shared, ncu-groups: Nsight Compute on those shapes' decode launches); fused-tests: test_fused_qwen3.py; branch-fi, branch-triton, branch-kernel, branch-chunks: fi-tests, the Triton kernel tests, kernel-breakdown and stock FLASHINFER against CASCADE's chunks_bench on the tree
 # unpacked in .branch (branch-sweep, branch-groups, branch-nosharing: kernel_bench --sweep at the shared shape, kernel-groups,
-# the nosharing and single decode shapes); chunk-tests: the end-to-end chunk tests alone; rope-tests: the kernel tests of chunk steps and
+# the nosharing and single decode shapes; branch-tput: throughput's shared and groups, FLASHINFER and CASCADE); chunk-tests: the end-to-end chunk tests alone; rope-tests: the kernel tests of chunk steps and
 # of queries before RoPE (query_rope), both GPU paths; rope-e2e: the fused class on CASCADE, query_rope model and backend;
 # kernel-single: the single workload's batch-1 decode shape, with and without fill_programs;
 # kernel-sweep: launch settings at the
@@ -90,7 +90,10 @@ run_step() {
     # The same on a branch under test, its tree unpacked in .branch (git archive BRANCH | tar -x -C .branch)
     branch-fi) (cd .branch && PYTHONPATH=/root/site:$PWD python3 -m pytest -q tests/test_gpu_attention.py tests/test_uniform_segments.py) ;;
     branch-kernel) (cd .branch && PYTHONPATH=/root/site:$PWD python3 benchmarks/kernel_bench.py --breakdown) ;;
-    branch-triton) (cd .branch && PYTHONPATH=/root/site:$PWD python3 -m pytest -q tests/test_triton_cascade.py) ;;
+    branch-triton) (cd .branch && PYTHONPATH=/root/site:$PWD python3 -m pytest -q tests/test_triton_cascade.py \
+                       tests/test_uniform_segments.py) ;;
+    branch-tput) mkdir -p "$RUN/branch" && (cd .branch && PYTHONPATH=/root/site:$PWD python3 benchmarks/throughput.py \
+                     --model ../$M --workloads shared,groups --backends FLASHINFER,CASCADE --log-dir "$RUN/branch") ;;
     branch-sweep) (cd .branch && PYTHONPATH=/root/site:$PWD python3 benchmarks/kernel_bench.py --sweep) ;;
     branch-groups) (cd .branch && PYTHONPATH=/root/site:$PWD python3 benchmarks/kernel_bench.py --prefix 512 --groups 4 \
                        --doc 4096 --breakdown) ;;
