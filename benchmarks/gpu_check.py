@@ -9,7 +9,10 @@ to the first divergence, the largest |logprob| difference over the common
 prefix, and where requests part, how far apart the two tokens are in the
 distribution that did not pick the other's (vllm_cascade.testing.greedy; a
 near-tie is small, a wrong token is not). FLASHINFER vs FLASH_ATTN gives the
-noise two correct bf16 backends show; CASCADE is held to the same tolerance.
+noise two correct bf16 backends show. With `--reference` (default: TRITON_ATTN
+in fp32), each bf16 backend after the first of `--backends` is then judged by
+the GPU tests' bf16 rule against the first (stock) and that reference
+(testing.greedy.bf16_problems): pass or FAIL, FLASHINFER being the control. Exits 1 on a FAIL or a failed run.
 
 Workloads: `small` (one request alone, then 8 sharing a 1024-token prefix) and
 throughput.py's `shared` and `groups` prompts (64 requests; an 8192-token
@@ -24,12 +27,19 @@ from __future__ import annotations
 import json
 import os
 import random
+import sys
 import tempfile
 
 from harness import backend_arguments, engine_backend, run_per_backend, stats_line
 from throughput import workload
 
-from vllm_cascade.testing.greedy import Greedy, closeness, from_outputs, sampling_params
+from vllm_cascade.testing.greedy import (
+    Greedy,
+    bf16_problems,
+    closeness,
+    from_outputs,
+    sampling_params,
+)
 
 BACKENDS = ["FLASH_ATTN", "FLASHINFER", "CASCADE"]
 
@@ -53,8 +63,7 @@ def run_one(args) -> None:
     llm = LLM(
         model=args.model,
         skip_tokenizer_init=True,
-        dtype="bfloat16",
-        **engine_backend(args.backend),
+        **{"dtype": "bfloat16", **engine_backend(args.backend)},
         max_model_len=4096 if args.workloads == "small" else 10240,  # shared: 8192 + 64 + new tokens
         gpu_memory_utilization=0.6,
         seed=0,
@@ -74,6 +83,8 @@ def main() -> None:
     ap = backend_arguments(__doc__.splitlines()[0], BACKENDS)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--workloads", default="small")
+    ap.add_argument("--reference", default="TRITON_ATTN:dtype=float32",
+                    help="the fp32 run every bf16 backend is judged against ('' for none)")
     args = ap.parse_args()
     if args.backend:
         return run_one(args)
@@ -82,21 +93,38 @@ def main() -> None:
     weights_dir = os.path.join(tempfile.gettempdir(), "vllm-cascade-random", os.path.basename(args.model.rstrip("/")))
     args.model = str(write_random_checkpoint(args.model, weights_dir))
     child = ["--model", args.model, "--tokens", str(args.tokens), "--workloads", args.workloads]
-    found, stats = run_per_backend(__file__, child, args.backends.split(","), "check", args.log_dir)
-    results = {backend: r["outputs"] for backend, r in found.items()}
+    labels = args.backends.split(",") + ([args.reference] if args.reference else [])
+    found, stats = run_per_backend(__file__, child, labels, "check", args.log_dir)
+    results = {backend: {name: [Greedy.from_dict(o) for o in runs] for name, runs in r["outputs"].items()}
+               for backend, r in found.items()}
     for name, counters in stats.items():
         print(f"{name} worker stats: {stats_line(counters)}")
-    print(f"\n{'workload':<10} {'backend':<12} {'vs':<12} {'identical requests':>20} {'equal-prefix tokens':>20} "
+    stock = args.backends.split(",")[0]  # the stock bf16 run the others are held to, with the reference
+    refs = [ref for ref in dict.fromkeys((stock, "FLASH_ATTN", "FLASHINFER", args.reference)) if ref in results]
+    print(f"\n{'workload':<10} {'backend':<12} {'vs':<26} {'identical requests':>20} {'equal-prefix tokens':>20} "
           f"{'max |dlogprob|':>15} {'max gap where parted':>21}")
     for name in args.workloads.split(","):
-        for ref in ("FLASH_ATTN", "FLASHINFER"):
-            for backend, outs in results.items():
-                if backend != ref and ref in results:
-                    total = sum(len(o["ids"]) for o in outs[name])
-                    got = closeness(*([Greedy.from_dict(o) for o in runs[name]] for runs in (results[ref], outs)))
-                    same = sum(n == len(o["ids"]) for n, o in zip(got.prefixes, outs[name]))
-                    print(f"{name:<10} {backend:<12} {ref:<12} {same:>14}/{len(outs[name]):<5} "
-                          f"{sum(got.prefixes):>13}/{total:<6} {got.delta:>15.4f} {got.gap:>21.4f}")
+        for ref in refs:
+            for backend, runs in results.items():
+                if backend != ref and backend != args.reference:
+                    got, outs = closeness(results[ref][name], runs[name]), runs[name]
+                    same = sum(n == len(o.ids) for n, o in zip(got.prefixes, outs))
+                    print(f"{name:<10} {backend:<12} {ref:<26} {same:>14}/{len(outs):<5} "
+                          f"{sum(got.prefixes):>13}/{sum(len(o.ids) for o in outs):<6} {got.delta:>15.4f} "
+                          f"{got.gap:>21.4f}")
+    failed = False
+    if args.reference in results and stock in results:
+        # Other attention kernels round where stock rounds: testing.greedy's bf16 rule, same_roundings.
+        print(f"\nbf16 rule (vllm_cascade.testing.greedy.bf16_problems) against {stock} and {args.reference}:")
+        for name in args.workloads.split(","):
+            ref, base = results[args.reference][name], results[stock][name]
+            for backend, runs in results.items():
+                if backend not in (stock, args.reference):
+                    problems = bf16_problems(closeness(runs[name], base), closeness(runs[name], ref),
+                                             closeness(base, ref), same_roundings=True)
+                    print(f"  {name:<10} {backend:<12} {'pass' if not problems else 'FAIL: ' + '; '.join(problems)}")
+                    failed |= bool(problems)
+    sys.exit(1 if failed or len(results) < len(labels) else 0)
 
 
 if __name__ == "__main__":

@@ -37,14 +37,17 @@ FUSED_MODEL = {"hf_overrides": {"architectures": ["CascadeQwen3ForCausalLM"]}}
 def engine_backend(label: str) -> dict:
     """LLM kwargs for a backend label: a vLLM backend name, or NAME:<settings>, settings joined
     by '+', each `name=value` or a bare gpu_kernel (CASCADE:flashinfer, CASCADE:chunk_prefill_kernel=triton).
-    `model=fused` selects the fused Qwen3 class (any backend); the other settings are CASCADE's."""
+    `model=fused` selects the fused Qwen3 class (any backend) and `dtype=float32` the engine's dtype
+    (gpu_check's reference: TRITON_ATTN:dtype=float32); the other settings are CASCADE's."""
     name, _, suffix = label.partition(":")
     settings = dict(part.partition("=")[::2] if "=" in part else ("gpu_kernel", part)
                     for part in suffix.split("+") if part)
-    model = settings.pop("model", "stock")
+    model, dtype = settings.pop("model", "stock"), settings.pop("dtype", None)
     if model not in ("stock", "fused"):
         raise ValueError(f"{label}: model={model}, expected stock or fused")
     extra = {"additional_config": {"cascade": settings}} if settings else {}
+    if dtype:
+        extra["dtype"] = dtype
     return {"attention_backend": name, **extra, **(FUSED_MODEL if model == "fused" else {})}
 
 
