@@ -89,7 +89,8 @@ def main() -> None:
     cases += [(chunks, True, rows, launch, "*") for chunks in (False, True) for rows, launch in backend(chunks)]
     for chunks, q_rope, rows, launch, mark in cases:
         constexprs = {"G": args.group, "PAGE": args.page, "HEAD_DIM": args.head_dim, "BLOCK_M": rows,
-                      "BLOCK_N": launch.block_n, "ROT": args.head_dim, "CHUNKS": chunks, "Q_ROPE": q_rope}
+                      "BLOCK_N": launch.block_n, "ROT": args.head_dim, "CHUNKS": chunks, "Q_ROPE": q_rope,
+                      "PDL": True}
         use = resource_usage(_partials_kernel, constexprs, launch.num_warps, launch.num_stages, args.arch)
         name = ("chunks" if chunks else "plain") + (" + q rope" if q_rope else "") + mark
         print(f"{name:<15} {rows:>5} {launch.block_n:>5} {launch.num_warps:>6} "

@@ -17,6 +17,16 @@ entry's shift before the dot product, as ops/torch_attention.py's `_keys`.
 That path is a second specialization of `_partials_kernel` (CHUNKS); a
 captured graph holds both, and each finds items only when the flag is its own.
 
+Each KV step loads the next step's page ids (`_block_pages`), so the K/V loads
+do not depend on a load of their own step and Triton pipelines them (with the
+ids loaded in the step, its 3.6 and 3.9 issued each step's K/V copies at the
+end of the step before and waited at once: Nsight Compute on the H100 showed
+the wide launch latency-bound at 40% of DRAM bandwidth). On Hopper the launches
+of a layer after the first are programmatic dependents (PDL): each starts
+while the one before runs, since the partials launches read nothing another
+writes; each ends only after the one before it has (`gdc_wait` at its end),
+and the merge waits at its start, so it sees every partial.
+
 Runs under `TRITON_INTERPRET=1` on the CPU (that is how the tests check it
 without a GPU; set the variable before this module is imported).
 
@@ -43,6 +53,9 @@ from vllm_cascade.attention.worklist import WorkList, WorkListTooLarge, is_decod
 NARROW_M = 16  # query rows (tokens x G) per program for decode-sized groups; tl.dot needs >= 16
 BLOCK_N = 32  # keys per inner step
 FILL_MIN_PAGES = 4  # the shortest KV run `fill_programs` cuts (two inner steps at page 16)
+# Programmatic dependent launch (Hopper+): a layer's partials launches after its first one start
+# while the one before runs, and the merge while the last runs, waiting for the partials inside.
+PDL = True
 
 
 @dataclass(frozen=True)
@@ -67,9 +80,11 @@ def _partials_kernel(
     sm_scale_log2,
     stride_qt, stride_qh, stride_kp, stride_kh, stride_kn, stride_bt, stride_sh, stride_cs, stride_qcs,
     G: tl.constexpr, PAGE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    ROT: tl.constexpr, CHUNKS: tl.constexpr, Q_ROPE: tl.constexpr,
+    ROT: tl.constexpr, CHUNKS: tl.constexpr, Q_ROPE: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     # Persistent: the grid is fixed, programs stride over the items [range[0], range[1]) read from memory.
+    if PDL:  # the layer's next launch may start now: it reads nothing this one writes (module doc)
+        tl.extra.cuda.gdc_launch_dependents()
     h = tl.program_id(1)
     num_kv_heads = tl.num_programs(1)
     # Two specializations: one kernel with both branches made the H100's plain decode slower (sixth
@@ -136,6 +151,8 @@ def _partials_kernel(
         slot = row * (num_kv_heads * G) + head
         tl.store(L_PART + slot, lse, mask=row_ok)
         tl.store(O_PART + slot[:, None] * HEAD_DIM + d[None, :], out, mask=row_ok[:, None])
+    if PDL:  # end only after the launch before it: the merge, waiting for the last one, waits for all
+        tl.extra.cuda.gdc_wait()
 
 
 @triton.jit
@@ -152,16 +169,19 @@ def _kv_run(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     k_pos0 = page_start * PAGE
+    # What locates (and, with chunks, masks and shifts) a block of keys is loaded a step ahead: K/V
+    # addresses that depend on a load of the same step keep Triton from pipelining the K/V loads.
+    n = tl.arange(0, BLOCK_N)
+    page, valid, shift = _block_pages(n, kv_len, page_start, bt_row, BT, SHIFTS, PAGE_VALID, stride_bt, stride_sh,
+                                      PAGE, CHUNKS, SHIFT_KEYS)
     for start in range(0, kv_len, BLOCK_N):
         n = start + tl.arange(0, BLOCK_N)
         n_ok = n < kv_len
-        page = tl.load(BT + bt_row * stride_bt + page_start + n // PAGE, mask=n_ok, other=0).to(tl.int64)
         kv_off = page * stride_kp + h * stride_kh + (n % PAGE) * stride_kn
         k = tl.load(K + kv_off[:, None] + d[None, :], mask=n_ok[:, None], other=0.0)
         if CHUNKS:
-            n_ok = n_ok & ((n % PAGE) < tl.load(PAGE_VALID + page, mask=n_ok, other=0))  # pad slots
+            n_ok = n_ok & ((n % PAGE) < valid)  # pad slots
         if SHIFT_KEYS:
-            shift = tl.load(SHIFTS + bt_row * stride_sh + page_start + n // PAGE, mask=n_ok, other=0)
             k = _rotate_rows(k, K + kv_off, shift, n_ok, COS_SIN, stride_cs, HEAD_DIM, ROT)
         s = tl.dot(q, tl.trans(k)).to(tl.float32) * sm_scale_log2
         ok = row_ok[:, None] & n_ok[None, :] & ((causal == 0) | ((k_pos0 + n)[None, :] <= pos[:, None]))
@@ -174,7 +194,23 @@ def _kv_run(
         v = tl.load(V + kv_off[:, None] + d[None, :], mask=n_ok[:, None], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
         m_i = m_new
+        page, valid, shift = _block_pages(n + BLOCK_N, kv_len, page_start, bt_row, BT, SHIFTS, PAGE_VALID, stride_bt,
+                                          stride_sh, PAGE, CHUNKS, SHIFT_KEYS)
     return m_i, l_i, acc
+
+
+@triton.jit
+def _block_pages(n, kv_len, page_start, bt_row, BT, SHIFTS, PAGE_VALID, stride_bt, stride_sh, PAGE: tl.constexpr,
+                 CHUNKS: tl.constexpr, SHIFT_KEYS: tl.constexpr):  # fmt: skip
+    """Keys n [N] of a run -> (page id, keys in the page, shift) per key; the last two only where
+    CHUNKS / SHIFT_KEYS need them (else 0)."""
+    ok = n < kv_len
+    entry = bt_row * stride_bt + page_start + n // PAGE
+    page = tl.load(BT + entry, mask=ok, other=0).to(tl.int64)
+    valid = tl.load(PAGE_VALID + page, mask=ok, other=0) if CHUNKS else tl.zeros_like(n)
+    shift = tl.load(SHIFTS + bt_row * stride_sh + page_start + n // PAGE, mask=ok, other=0) if SHIFT_KEYS \
+        else tl.zeros_like(n)
+    return page, valid, shift
 
 
 @triton.jit
@@ -200,8 +236,10 @@ def _rotate_rows(k, k_ptr, shift, ok, COS_SIN, stride_cs, HEAD_DIM: tl.constexpr
 def _merge_kernel(
     O_PART, L_PART, OUT, contrib_off, contrib_row, num_tokens_ptr,
     stride_ot, stride_oh,
-    HEAD_DIM: tl.constexpr,
+    HEAD_DIM: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
+    if PDL:  # launched early: the partials are complete only after this
+        tl.extra.cuda.gdc_wait()
     hq = tl.program_id(1)
     num_heads = tl.num_programs(1)
     d = tl.arange(0, HEAD_DIM)
@@ -279,6 +317,8 @@ def cascade_attention_triton(
         # No query group exceeds one narrow tile, so build_worklist made no wide items: one launch
         # less per layer (also in the CUDA graphs of such batch sizes, e.g. batch-1 decode).
         tiles = tiles[1:]
+    pdl = q.is_cuda and PDL and torch.cuda.get_device_capability(q.device)[0] >= 9
+    first = True
     for block_m, bounds, which in tiles:
         for with_chunks in kinds:
             launch = launches[which] if launches else default_launch(which == 0, wide_m, with_chunks)
@@ -291,24 +331,27 @@ def cascade_attention_triton(
                 q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_table.stride(0),
                 shifts.stride(0), cos_sin.stride(0), q_cos_sin.stride(0),
                 G=g, PAGE=page, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=launch.block_n, ROT=cos_sin.shape[1],
-                CHUNKS=with_chunks, Q_ROPE=query_rope is not None, **launch.kwargs(),
+                CHUNKS=with_chunks, Q_ROPE=query_rope is not None, PDL=pdl, **launch.kwargs(),
+                **({"launch_pdl": True} if pdl and not first else {}),
             )  # fmt: skip
-    merge_partials(o_part, l_part, out, wl["contrib_off"], wl["contrib_row"], wl["num_tokens"], programs)
+            first = False
+    merge_partials(o_part, l_part, out, wl["contrib_off"], wl["contrib_row"], wl["num_tokens"], programs, pdl)
 
 
 def merge_partials(o_part: torch.Tensor, l_part: torch.Tensor, out: torch.Tensor, contrib_off: torch.Tensor,
-                   contrib_row: torch.Tensor, num_tokens: torch.Tensor, programs: int) -> None:
+                   contrib_row: torch.Tensor, num_tokens: torch.Tensor, programs: int, pdl: bool = False) -> None:
     """out[t] = the exact merge of partial rows contrib_row[contrib_off[t]:contrib_off[t + 1]].
 
     o_part [rows, Hq, D] (any float dtype, normalized outputs), l_part [rows, Hq] float32
     log2-sum-exp (the kernels' and FlashInfer's convention); contrib_* int32 CSR on the device;
     num_tokens [1] int32 on the device (tokens to merge); `programs` x Hq persistent programs.
-    A token with no partial rows gets zeros.
+    A token with no partial rows gets zeros. `pdl`: launched as a programmatic dependent of the
+    partials launch before it (see cascade_attention_triton).
     """
     assert o_part.is_contiguous() and l_part.is_contiguous() and out.stride(2) == 1
     _merge_kernel[(programs, out.shape[1])](
         o_part, l_part, out, contrib_off, contrib_row, num_tokens,
-        out.stride(0), out.stride(1), HEAD_DIM=out.shape[2],
+        out.stride(0), out.stride(1), HEAD_DIM=out.shape[2], PDL=pdl, **({"launch_pdl": True} if pdl else {}),
     )  # fmt: skip
 
 
