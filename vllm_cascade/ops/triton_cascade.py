@@ -18,10 +18,10 @@ That path is a second specialization of `_partials_kernel` (CHUNKS); a
 captured graph holds both, and each finds items only when the flag is its own.
 
 Each KV step loads the next step's page ids (`_block_pages`), so the K/V loads
-do not depend on a load of their own step and Triton pipelines them (with the
-ids loaded in the step, its 3.6 and 3.9 issued each step's K/V copies at the
-end of the step before and waited at once: Nsight Compute on the H100 showed
-the wide launch latency-bound at 40% of DRAM bandwidth). On Hopper the launches
+do not depend on a load of their own step and Triton pipelines them. (With the
+ids loaded in the step, Triton 3.9 issues each step's K/V copies at the end of
+the step before and waits for them at once; on the H100, Triton 3.6, Nsight
+Compute found the wide launch latency-bound at 40% of DRAM bandwidth.) On Hopper the launches
 of a layer after the first are programmatic dependents (PDL): each starts
 while the one before runs, since the partials launches read nothing another
 writes; each ends only after the one before it has (`gdc_wait` at its end),
