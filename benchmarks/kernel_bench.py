@@ -209,7 +209,7 @@ def main() -> None:
             variants[f"triton, wide {wide_m}, {pages_per_item} pages/item"] = into(tc.run, torch.empty_like(q))
 
     def replayed(pages_per_item: int = 16, launches=None, programs_per_sm: int = 4, fill: bool = False,
-                 wide_m: int = 64, pdl: bool = True, merge_rows: int | None = None):
+                 wide_m: int = 64, pdl: bool = True):
         """What a FULL CUDA graph replays: fixed buffers, the launches captured once (both
         specializations of the partials kernel, as in the backend's graphs)."""
         fixed = TritonCascade(hq, hkv, page, scale, head_dim=d, pages_per_item=pages_per_item, launches=launches,
@@ -217,24 +217,20 @@ def main() -> None:
                               programs_per_sm=programs_per_sm, fill_programs=fill, wide_m=wide_m)
         fixed.plan(plan, bt, seq_lens, qsl)
         graph_out = torch.empty_like(q)
-        defaults = triton_cascade.PDL, triton_cascade.MERGE_ROWS
-        triton_cascade.PDL, triton_cascade.MERGE_ROWS = pdl, merge_rows or defaults[1]
+        default_pdl, triton_cascade.PDL = triton_cascade.PDL, pdl
         try:
             fixed.run(q, k, v, graph_out)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 fixed.run(q, k, v, graph_out)
         finally:
-            triton_cascade.PDL, triton_cascade.MERGE_ROWS = defaults
+            triton_cascade.PDL = default_pdl
         return lambda: (graph.replay(), graph_out, fixed)[1]  # `fixed` owns the buffers the graph reads
 
     variants["triton, fixed buffers, CUDA graph replay (16 pages/item)"] = replayed()
     # fill_programs (on in the backend): shorter KV runs when the step has few pages per program.
     variants["triton, backend decode settings, graph replay"] = replayed(backend_pages, fill=True)
     variants["triton, backend settings, no PDL"] = replayed(backend_pages, fill=True, pdl=False)
-    for rows in (16, 32):
-        variants[f"triton, backend settings, merge {rows} rows a step"] = replayed(backend_pages, fill=True,
-                                                                                  merge_rows=rows)
     for per_sm in (2, 8):  # persistent programs per SM (the backend: 4)
         variants[f"triton, backend settings, {per_sm} programs/SM"] = replayed(backend_pages, None, per_sm, True)
     variants["triton, backend settings without fill_programs"] = replayed(backend_pages)
@@ -276,7 +272,7 @@ def main() -> None:
         # Where a layer's time goes: the graph holds, per tile kind (wide: shared-level items; narrow: the
         # rest), both chunk specializations of the partials kernel (one finds no items), then the merge.
         for name in ("flashinfer decode, flat (stock)", "triton, backend decode settings, graph replay",
-                     "triton, backend settings, no PDL", "triton, backend settings, merge 32 rows a step"):
+                     "triton, backend settings, no PDL"):
             print(f"\nkernels of '{name}' (profiled, median us of each in launch order; L2 warm, cold):")
             cold = kernel_breakdown(variants[name], flush=l2_flush)
             for (kernel, us), (_, cold_us) in zip(kernel_breakdown(variants[name]), cold):

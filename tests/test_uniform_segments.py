@@ -165,7 +165,7 @@ def test_kernels_under_the_interpreter():
            f"{__file__}::test_gather_rotate_and_merge_kernels", f"{__file__}::test_merge_of_many_partial_rows"]
     proc = subprocess.run(cmd, env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True,
                           timeout=600, cwd=os.path.dirname(__file__))
-    assert proc.returncode == 0 and "10 passed" in proc.stdout, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert proc.returncode == 0 and "7 passed" in proc.stdout, proc.stdout[-4000:] + proc.stderr[-2000:]
 
 
 @pytest.mark.skipif(not (ON_GPU or INTERPRETED), reason="needs a GPU or TRITON_INTERPRET=1 from process start")
@@ -196,15 +196,10 @@ def test_gather_rotate_and_merge_kernels(seed, g, rot):
 
 @pytest.mark.skipif(not (ON_GPU or INTERPRETED), reason="needs a GPU or TRITON_INTERPRET=1 from process start")
 @pytest.mark.parametrize("seed", range(3))
-@pytest.mark.parametrize("merge_rows", [1, 16])
-def test_merge_of_many_partial_rows(seed, merge_rows, monkeypatch):
+def test_merge_of_many_partial_rows(seed):
     """The merge against log-sum-exp in torch: tokens with 0 to 40 partial rows (several of the
-    kernel's blocks), rows that saw no key (-inf) among them, rows shared between tokens; rows read
-    one at a time and 16 a step."""
-    from vllm_cascade.ops import triton_cascade
+    kernel's blocks), rows that saw no key (-inf) among them, rows shared between tokens."""
     from vllm_cascade.ops.triton_cascade import merge_partials
-
-    monkeypatch.setattr(triton_cascade, "MERGE_ROWS", merge_rows)
 
     device = "cuda" if ON_GPU else "cpu"
     rng = np.random.default_rng(seed)

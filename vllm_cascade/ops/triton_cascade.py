@@ -56,7 +56,6 @@ FILL_MIN_PAGES = 4  # the shortest KV run `fill_programs` cuts (two inner steps 
 # Programmatic dependent launch (Hopper+): a layer's partials launches after its first one start
 # while the one before runs, and the merge while the last runs, waiting for the partials inside.
 PDL = True
-MERGE_ROWS = 1  # partial rows the merge reads per step (1: one at a time)
 
 
 @dataclass(frozen=True)
@@ -237,7 +236,7 @@ def _rotate_rows(k, k_ptr, shift, ok, COS_SIN, stride_cs, HEAD_DIM: tl.constexpr
 def _merge_kernel(
     O_PART, L_PART, OUT, contrib_off, contrib_row, num_tokens_ptr,
     stride_ot, stride_oh,
-    HEAD_DIM: tl.constexpr, PDL: tl.constexpr, ROWS: tl.constexpr,
+    HEAD_DIM: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     if PDL:  # launched early: the partials are complete only after this
         tl.extra.cuda.gdc_wait()
@@ -248,30 +247,15 @@ def _merge_kernel(
         m = tl.full([], float("-inf"), tl.float32)
         l = tl.zeros([], tl.float32)
         acc = tl.zeros([HEAD_DIM], tl.float32)
-        end = tl.load(contrib_off + t + 1)
-        if ROWS == 1:
-            for c in range(tl.load(contrib_off + t), end):
-                slot = tl.load(contrib_row + c) * num_heads + hq
-                lse = tl.load(L_PART + slot)
-                m_new = tl.maximum(m, lse)
-                m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-                old, new = tl.exp2(m - m_ref), tl.exp2(lse - m_ref)
-                acc = acc * old + tl.load(O_PART + slot * HEAD_DIM + d) * new
-                l = l * old + new
-                m = m_new
-        else:  # ROWS partial rows per step: three dependent loads per step, not two per row
-            for c0 in range(tl.load(contrib_off + t), end, ROWS):
-                c = c0 + tl.arange(0, ROWS)
-                ok = c < end
-                slot = tl.load(contrib_row + c, mask=ok, other=0) * num_heads + hq
-                lse = tl.load(L_PART + slot, mask=ok, other=float("-inf"))
-                m_new = tl.maximum(m, tl.max(lse, 0))
-                m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-                new, old = tl.exp2(lse - m_ref), tl.exp2(m - m_ref)
-                o = tl.load(O_PART + slot[:, None] * HEAD_DIM + d[None, :], mask=ok[:, None], other=0.0)
-                acc = acc * old + tl.sum(o * new[:, None], 0)
-                l = l * old + tl.sum(new, 0)
-                m = m_new
+        for c in range(tl.load(contrib_off + t), tl.load(contrib_off + t + 1)):
+            slot = tl.load(contrib_row + c) * num_heads + hq
+            lse = tl.load(L_PART + slot)
+            m_new = tl.maximum(m, lse)
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+            old, new = tl.exp2(m - m_ref), tl.exp2(lse - m_ref)
+            acc = acc * old + tl.load(O_PART + slot * HEAD_DIM + d) * new
+            l = l * old + new
+            m = m_new
         # A token that saw no key (a padded row under CUDA graphs) gets zeros, not NaN.
         tl.store(OUT + t * stride_ot + hq * stride_oh + d, (acc / tl.where(l > 0, l, 1.0)).to(OUT.dtype.element_ty))
 
@@ -367,8 +351,7 @@ def merge_partials(o_part: torch.Tensor, l_part: torch.Tensor, out: torch.Tensor
     assert o_part.is_contiguous() and l_part.is_contiguous() and out.stride(2) == 1
     _merge_kernel[(programs, out.shape[1])](
         o_part, l_part, out, contrib_off, contrib_row, num_tokens,
-        out.stride(0), out.stride(1), HEAD_DIM=out.shape[2], PDL=pdl, ROWS=MERGE_ROWS,
-        **({"launch_pdl": True} if pdl else {}),
+        out.stride(0), out.stride(1), HEAD_DIM=out.shape[2], PDL=pdl, **({"launch_pdl": True} if pdl else {}),
     )  # fmt: skip
 
 
