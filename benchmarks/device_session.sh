@@ -8,7 +8,7 @@
 #
 # Steps run in the order given (a machine is held 30 minutes at most, so put
 # first what matters most): host-bench, step-profile (profile-ceiling: CASCADE on short and shared), throughput, gpu-check (gpu-check-workloads: on the shared and
-# groups prompts, against FLASH_ATTN and FLASHINFER),
+# groups prompts, against FLASH_ATTN and FLASHINFER; gpu-check-ref: CASCADE and FLASH_ATTN only, each with the fp32 reference),
 # gpu-tests (the end-to-end chunk tests first; gpu-chunks: those alone; triton-tests: the kernel tests alone; attn-tests: both paths'
 # kernel tests, bf16 at the model's shapes included), kernel-bench (the nosharing and shared decode shapes;
 # kernel-shared: the shared shape alone (kernel-breakdown: with each kernel of a layer profiled; kernel-groups: the
@@ -43,6 +43,8 @@ run_step() {
     gpu-check) python3 benchmarks/gpu_check.py --model $M --backends FLASH_ATTN,CASCADE --log-dir "$RUN" ;;
     gpu-check-workloads) python3 benchmarks/gpu_check.py --model $M --backends FLASH_ATTN,FLASHINFER,CASCADE \
                              --workloads shared,groups --log-dir "$RUN" ;;
+    gpu-check-ref) python3 benchmarks/gpu_check.py --model $M --backends FLASH_ATTN,CASCADE --workloads groups,shared \
+                       --log-dir "$RUN" ;;
     gpu-tests) python3 -m pytest -q tests/test_gpu_chunks.py tests/test_gpu_attention.py tests/test_uniform_segments.py tests/test_triton_cascade.py tests/test_fused_qwen3.py ;;
     gpu-chunks) python3 -m pytest -q -rP tests/test_gpu_chunks.py ;;
     triton-tests) python3 -m pytest -q tests/test_triton_cascade.py tests/test_uniform_segments.py tests/test_chunk_pages.py ;;
