@@ -135,12 +135,12 @@ poll)
         [ -f "$log" ] || continue
         echo "== $(basename "$log"): $(tail -n 1 "$log" | cut -c1-200)"
     done
-    # What comes back: the step logs, the profiles, model-check's outputs (tokens and logprobs per
-    # run), then the tails of the per-backend engine logs.
+    # What comes back: the step logs, the profiles, model-check's and gpu_check's outputs (tokens and
+    # logprobs per run), then the tails of the per-backend engine logs.
     if [ -n "${OUT:-}" ]; then
-        for f in "$RUN"/progress "$RUN"/*.log "$RUN"/profile-*.txt "$RUN"/model-check-*.json; do
+        for f in "$RUN"/progress "$RUN"/*.log "$RUN"/profile-*.txt "$RUN"/model-check-*.json "$RUN"/check-*.json; do
             case "$(basename "$f")" in
-            model-bench*.log|model-check.log|model-check-unit.log|chunks-bench.log|chunks-profile.log|chunks-fi.log|profile-ceiling.log) ;;  # step logs named like engine logs
+            check-*.json|model-bench*.log|model-check.log|model-check-unit.log|chunks-bench.log|chunks-profile.log|chunks-fi.log|profile-ceiling.log) ;;  # step logs named like engine logs
             tput-*|check-*|profile-*.log|model-*.log|chunks-*) continue ;;
             esac
             [ -f "$f" ] && cp "$f" "$OUT/"

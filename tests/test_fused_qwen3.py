@@ -402,18 +402,16 @@ def test_env_switch_serves_every_qwen3_with_the_fused_class(monkeypatch):
 
 # ----------------------------------------------------------------------------- GPU
 
-def assert_close_in_bf16(ours: list[Greedy], stock_bf16: list[Greedy], stock_fp32: list[Greedy], name: str,
-                         same_roundings: bool) -> None:
-    """`ours` (bf16) held to vllm_cascade.testing.greedy's bf16 rule: as accurate as stock bf16 against
-    the fp32 reference, and with `same_roundings` also within stock bf16's own distance of it. (The GPU
-    token check of RESULTS.md found 0.16-0.20 between two stock backends on a 28-layer model; this one
-    has 4 layers, and stock bf16 is 0.16-0.18 from fp32 on the H100.)"""
+def assert_close_in_bf16(ours: list[Greedy], stock_bf16: list[Greedy], stock_fp32: list[Greedy], name: str) -> None:
+    """`ours` (bf16) held to vllm_cascade.testing.greedy's bf16 rule: as accurate as stock bf16
+    against the fp32 reference, parting from it at near-ties only. Its distance from stock bf16 is
+    printed, not judged (two bf16 runs' errors add up)."""
     ref = closeness(stock_bf16, stock_fp32)
     got, got_fp32 = closeness(ours, stock_bf16), closeness(ours, stock_fp32)
     print(f"{name}: vs stock bf16 max |dlogprob| {got.delta:.4f}, common prefixes {got.prefixes}, gap where parted "
           f"{got.gap:.4f}; vs fp32 {got_fp32.delta:.4f}, prefixes {got_fp32.prefixes}, gap {got_fp32.gap:.4f}; "
           f"stock bf16 vs fp32 {ref.delta:.4f}, prefixes {ref.prefixes}, gap {ref.gap:.4f}")
-    problems = bf16_problems(got, got_fp32, ref, same_roundings)
+    problems = bf16_problems(got_fp32, ref)
     assert not problems, (name, problems)
 
 
@@ -454,11 +452,7 @@ def test_gpu_logprobs_close_to_stock_qwen3(gpu_stock_runs, session_tmp, settings
     assert paths == {"class": ARCHITECTURE, "layers": layers, "qk_kernel": layers, "silu_kernel": layers,
                      "residual_in_gemm": layers if in_gemm else 0, "unrotated_query": 0,
                      "norms_folded": layers}, paths
-    # Its epilogues round once in fp32 where stock rounds each op to bf16, and the norm weights are folded
-    # into the GEMMs: other roundings, so it is held to fp32 (RESULTS, twelfth session: on the 28-layer
-    # 0.6B config it is as close to fp32 as stock bf16, and 0.21-0.23 from stock bf16).
-    assert_close_in_bf16(fused, gpu_stock_runs["stock"], gpu_stock_runs["stock-fp32"], "fused",
-                         same_roundings=False)
+    assert_close_in_bf16(fused, gpu_stock_runs["stock"], gpu_stock_runs["stock-fp32"], "fused")
 
 
 @pytest.mark.skipif(not ON_GPU, reason="needs a GPU")
@@ -480,8 +474,7 @@ def test_gpu_query_before_rope_close_to_stock_qwen3(gpu_stock_runs, session_tmp)
         assert paths["unrotated_query"] == unrotated and (totals["query_rope_calls"] > 0) == (rope == "backend"), totals
         assert totals["cascade_steps"] > 0, totals
         runs[rope] = out
-    # Both are the fused class (held to fp32, as above); "backend" also rounds the query to bf16 twice on
-    # plain levels (RESULTS, tenth session). On the H100: 0.131 and 0.198 from stock bf16 (twelfth).
+    # "backend" rounds a plain level's query to bf16 twice (RESULTS, tenth session). On the H100 both
+    # were closer to fp32 than stock bf16: 0.111 and 0.132 against 0.175 (thirteenth session).
     for rope, out in runs.items():
-        assert_close_in_bf16(out, gpu_stock_runs["stock"], gpu_stock_runs["stock-fp32"], f"query_rope={rope}",
-                             same_roundings=False)
+        assert_close_in_bf16(out, gpu_stock_runs["stock"], gpu_stock_runs["stock-fp32"], f"query_rope={rope}")

@@ -6,7 +6,8 @@ So a comparison reads, besides the logprobs on the common prefix, the gap
 between the two tokens where the runs part, in both distributions. The GPU
 tests (tests/test_fused_qwen3.py, tests/test_gpu_chunks.py),
 benchmarks/gpu_check.py and benchmarks/model_check.py judge runs this way;
-`bf16_problems` is the rule a bf16 run is held to.
+`bf16_problems` is the rule a bf16 run is held to: as accurate as stock bf16
+against an fp32 reference.
 
 Example:
     >>> ref = Greedy([5, 6], [-0.1, -0.2], [{5: -0.1}, {6: -0.2, 8: -0.25}])
@@ -76,22 +77,22 @@ def closeness(a: list[Greedy], b: list[Greedy]) -> Closeness:
 LOGPROB_TOL = 0.1  # nats: how much further from fp32 than stock bf16 a bf16 run may be
 
 
-def bf16_problems(ours_stock: Closeness, ours_fp32: Closeness, stock_fp32: Closeness,
-                  same_roundings: bool) -> list[str]:
-    """Why a bf16 run breaks the bf16 rule (empty: it holds), from its closeness to stock bf16 and to
-    the fp32 reference, and stock bf16's to fp32. With tol = max(LOGPROB_TOL, stock bf16's distance):
-    - as accurate as stock bf16: at most LOGPROB_TOL further from fp32, parting from it at near-ties
-      only (2 tol: each of the two tokens may move by tol);
-    - with `same_roundings` (the same math rounded where stock rounds it, e.g. another attention
-      kernel), also within tol of stock bf16 and parting from it at near-ties only. A computation that
-      rounds elsewhere (fused epilogues in fp32, folded norm weights) is as far from stock bf16 as the
-      two roundings' errors add up to, so only its distance from fp32 is judged.
+def bf16_problems(ours_fp32: Closeness, stock_fp32: Closeness) -> list[str]:
+    """Why a bf16 run breaks the bf16 rule (empty: it holds), from its closeness to the fp32
+    reference and stock bf16's: it must be as accurate as stock bf16, at most LOGPROB_TOL further
+    from fp32, and part from fp32 at near-ties only (2 tol apart at most, tol = max(LOGPROB_TOL,
+    stock's distance): each of the two tokens may move by tol).
 
-    >>> ok, far = Closeness(0.15, [8], 0.0), Closeness(0.3, [8], 0.0)
-    >>> bf16_problems(far, ok, ok, same_roundings=False)
+    Its distance from stock bf16 is not judged: two bf16 runs each d from fp32 may be 2d apart,
+    and on deep models they are, even two stock backends (RESULTS.md, thirteenth session, two runs
+    of the same prompts on a 28-layer model: FLASHINFER 0.23 from FLASH_ATTN, FLASH_ATTN 0.17 from
+    fp32).
+
+    >>> stock, ours = Closeness(0.15, [8], 0.0), Closeness(0.3, [8], 0.2)
+    >>> bf16_problems(ours, stock)
+    ["0.3000 from fp32 > stock bf16's 0.1500 + 0.1"]
+    >>> bf16_problems(Closeness(0.2, [8], 0.2), stock)
     []
-    >>> bf16_problems(far, ok, ok, same_roundings=True)
-    ['0.3000 from stock bf16 > tol 0.1500']
     """
     tol = max(LOGPROB_TOL, stock_fp32.delta)
     problems = []
@@ -99,8 +100,4 @@ def bf16_problems(ours_stock: Closeness, ours_fp32: Closeness, stock_fp32: Close
         problems.append(f"{ours_fp32.delta:.4f} from fp32 > stock bf16's {stock_fp32.delta:.4f} + {LOGPROB_TOL}")
     if ours_fp32.gap > 2 * tol:
         problems.append(f"parts from fp32 where the tokens are {ours_fp32.gap:.4f} apart > 2 tol {2 * tol:.4f}")
-    if same_roundings and ours_stock.delta > tol:
-        problems.append(f"{ours_stock.delta:.4f} from stock bf16 > tol {tol:.4f}")
-    if same_roundings and ours_stock.gap > 2 * tol:
-        problems.append(f"parts from stock bf16 where the tokens are {ours_stock.gap:.4f} apart > 2 tol {2 * tol:.4f}")
     return problems
