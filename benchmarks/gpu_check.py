@@ -13,7 +13,9 @@ noise two correct bf16 backends show. With `--reference` (default: TRITON_ATTN
 in fp32), each bf16 backend after the first of `--backends` is then judged by
 the GPU tests' bf16 rule (testing.greedy.bf16_problems): as accurate as the
 first (stock) against that reference; pass or FAIL, FLASHINFER being the
-control. Exits 1 on a FAIL or a failed run.
+control. Last, every parting that may not be a near-tie (0.2 nats or more, or a
+token outside the other's top 5) by workload, request and token. Exits 1 on a
+FAIL or a failed run.
 
 Workloads: `small` (one request alone, then 8 sharing a 1024-token prefix) and
 throughput.py's `shared` and `groups` prompts (64 requests; an 8192-token
@@ -35,10 +37,12 @@ from harness import backend_arguments, engine_backend, run_per_backend, stats_li
 from throughput import workload
 
 from vllm_cascade.testing.greedy import (
+    LOGPROB_TOL,
     Greedy,
     bf16_problems,
     closeness,
     from_outputs,
+    partings,
     sampling_params,
 )
 
@@ -124,6 +128,14 @@ def main() -> None:
                     problems = bf16_problems(closeness(runs[name], ref), closeness(base, ref))
                     print(f"  {name:<10} {backend:<12} {'pass' if not problems else 'FAIL: ' + '; '.join(problems)}")
                     failed |= bool(problems)
+    # Partings that may not be near-ties (2 x the rule's least tol apart or more, or a token outside
+    # the other's top K), to look at by request.
+    far = [(name, backend, ref, p) for name in args.workloads.split(",") for ref in refs
+           for backend, runs in results.items() if backend not in (ref, args.reference)
+           for p in partings(runs[name], results[ref][name]) if p.gap >= 2 * LOGPROB_TOL]
+    for name, backend, ref, p in far:
+        print(f"  parting: {name} request {p.prompt} token {p.position}: {backend} vs {ref}, "
+              f"gap {p.gap:.4f} (at least {p.at_least:.4f})")
     sys.exit(1 if failed or len(results) < len(labels) else 0)
 
 

@@ -60,18 +60,43 @@ class Closeness(NamedTuple):
     #             distribution that did not pick it (the larger of the two sides; inf: not in its top K)
 
 
+class Parting(NamedTuple):
+    prompt: int  # index in the runs
+    position: int  # the first generated token that differs
+    gap: float  # as Closeness.gap, for this prompt (inf: a token not in the other's top K)
+    at_least: float  # a lower bound of the gap: the gap, or where it is inf, the chosen token's logprob
+    #                  less the least likely of the other's top K
+
+
+def partings(a: list[Greedy], b: list[Greedy]) -> list[Parting]:
+    """Where each prompt's tokens part in two greedy runs (prompts that never part are left out).
+
+    >>> ref = Greedy([5, 6], [-0.1, -0.2], [{5: -0.1}, {6: -0.2, 8: -0.9}])
+    >>> partings([Greedy([5, 7], [-0.1, -0.3], [{5: -0.1}, {7: -0.3, 6: -0.4}])], [ref])
+    [Parting(prompt=0, position=1, gap=inf, at_least=0.7)]
+    """
+    found = []
+    for i, (x, y) in enumerate(zip(a, b)):
+        n = common_prefix(x, y)
+        if n == min(len(x.ids), len(y.ids)):
+            continue
+        gaps = [(g.logprobs[n] - g.top[n][other],) * 2 if other in g.top[n]
+                else (math.inf, g.logprobs[n] - min(g.top[n].values())) for g, other in ((x, y.ids[n]), (y, x.ids[n]))]
+        found.append(Parting(i, n, max(gap for gap, _ in gaps), round(max(low for _, low in gaps), 6)))
+    return found
+
+
+def common_prefix(x: Greedy, y: Greedy) -> int:
+    """Generated tokens two runs of one prompt have in common before they part."""
+    return next((i for i, (s, t) in enumerate(zip(x.ids, y.ids)) if s != t), min(len(x.ids), len(y.ids)))
+
+
 def closeness(a: list[Greedy], b: list[Greedy]) -> Closeness:
     """How far two greedy runs of the same prompts are (module doc). vLLM's own model tests accept a
     parting when each token is in the other's top logprobs; the gap says by how much."""
-    worst, gap, prefixes = 0.0, 0.0, []
-    for x, y in zip(a, b):
-        n = next((i for i, (s, t) in enumerate(zip(x.ids, y.ids)) if s != t), min(len(x.ids), len(y.ids)))
-        prefixes.append(n)
-        worst = max([worst] + [abs(p - q) for p, q in zip(x.logprobs[:n], y.logprobs[:n])])
-        if n < min(len(x.ids), len(y.ids)):
-            gap = max(gap, x.logprobs[n] - x.top[n].get(y.ids[n], -math.inf),
-                      y.logprobs[n] - y.top[n].get(x.ids[n], -math.inf))
-    return Closeness(worst, prefixes, gap)
+    prefixes = [common_prefix(x, y) for x, y in zip(a, b)]
+    worst = max([0.0] + [abs(p - q) for x, y, n in zip(a, b, prefixes) for p, q in zip(x.logprobs[:n], y.logprobs[:n])])
+    return Closeness(worst, prefixes, max([0.0] + [p.gap for p in partings(a, b)]))
 
 
 LOGPROB_TOL = 0.1  # nats: how much further from fp32 than stock bf16 a bf16 run may be
