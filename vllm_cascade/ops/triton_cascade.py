@@ -40,6 +40,7 @@ Example (see tests/test_triton_cascade.py for a complete, checked one):
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -317,7 +318,7 @@ def cascade_attention_triton(
         # No query group exceeds one narrow tile, so build_worklist made no wide items: one launch
         # less per layer (also in the CUDA graphs of such batch sizes, e.g. batch-1 decode).
         tiles = tiles[1:]
-    pdl = q.is_cuda and PDL and torch.cuda.get_device_capability(q.device)[0] >= 9
+    pdl = PDL and q.is_cuda and _has_pdl(q.device.index)
     first = True
     for block_m, bounds, which in tiles:
         for with_chunks in kinds:
@@ -336,6 +337,12 @@ def cascade_attention_triton(
             )  # fmt: skip
             first = False
     merge_partials(o_part, l_part, out, wl["contrib_off"], wl["contrib_row"], wl["num_tokens"], programs, pdl)
+
+
+@functools.cache
+def _has_pdl(device_index: int | None) -> bool:
+    """Programmatic dependent launch: Hopper and later (asked once per device, not per layer)."""
+    return torch.cuda.get_device_capability(device_index)[0] >= 9
 
 
 def merge_partials(o_part: torch.Tensor, l_part: torch.Tensor, out: torch.Tensor, contrib_off: torch.Tensor,
