@@ -65,7 +65,7 @@ class Parting(NamedTuple):
     position: int  # the first generated token that differs
     gap: float  # as Closeness.gap, for this prompt (inf: a token not in the other's top K)
     at_least: float  # a lower bound of the gap: the gap, or where it is inf, the chosen token's logprob
-    #                  less the least likely of the other's top K
+    #                  less that of the least likely of its run's top K (the other's token is below it)
 
 
 def partings(a: list[Greedy], b: list[Greedy]) -> list[Parting]:
