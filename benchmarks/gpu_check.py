@@ -42,6 +42,7 @@ from vllm_cascade.testing.greedy import (
     bf16_problems,
     closeness,
     from_outputs,
+    identical,
     partings,
     sampling_params,
 )
@@ -113,8 +114,7 @@ def main() -> None:
             for backend, runs in results.items():
                 if backend != ref and backend != args.reference:
                     got, outs = closeness(results[ref][name], runs[name]), runs[name]
-                    same = sum(n == len(o.ids) for n, o in zip(got.prefixes, outs))
-                    print(f"{name:<10} {backend:<12} {ref:<26} {same:>14}/{len(outs):<5} "
+                    print(f"{name:<10} {backend:<12} {ref:<26} {identical(got, outs):>14}/{len(outs):<5} "
                           f"{sum(got.prefixes):>13}/{sum(len(o.ids) for o in outs):<6} {got.delta:>15.4f} "
                           f"{got.gap:>21.4f}")
     failed = False

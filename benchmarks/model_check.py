@@ -60,7 +60,13 @@ import time
 from harness import run_script
 from model_bench import DEFAULT_MODELS, FUSED, VARIANTS, VOCAB_LOW
 
-from vllm_cascade.testing.greedy import LOGPROB_TOL, Greedy, bf16_problems, closeness
+from vllm_cascade.testing.greedy import (
+    LOGPROB_TOL,
+    Greedy,
+    bf16_problems,
+    closeness,
+    identical,
+)
 
 WIDE_HIDDEN, WIDE_LAYERS = 4096, 8  # default depth of configs at least this wide
 MAX_PROMPT = 1500
@@ -187,11 +193,11 @@ def row(batch: str, results: dict[str, dict]) -> tuple[str, bool]:
     fused_stock, fused_ref = closeness(outs["fused"], outs["stock"]), closeness(outs["fused"], outs["stock-fp32"])
     stock_ref = closeness(outs["stock"], outs["stock-fp32"])
     ok = not bf16_problems(fused_ref, stock_ref)
-    n, same = len(outs["fused"]), (sum(p == len(g.ids) for p, g in zip(c.prefixes, outs["fused"]))
-                                   for c in (fused_stock, stock_ref))
+    n = len(outs["fused"])
+    same, ref_same = identical(fused_stock, outs["fused"]), identical(stock_ref, outs["stock"])
     return (f"{batch:>5} {fused_stock.delta:>12.4f} {fused_ref.delta:>11.4f} {stock_ref.delta:>11.4f} "
             f"{fused_ref.gap:>9.4f} {min(fused_stock.prefixes):>8} {min(stock_ref.prefixes):>8} "
-            f"{f'{next(same)}/{n}':>8} {f'{next(same)}/{n}':>8}  {'pass' if ok else 'FAIL'}"), ok
+            f"{f'{same}/{n}':>8} {f'{ref_same}/{n}':>8}  {'pass' if ok else 'FAIL'}"), ok
 
 
 def main() -> None:

@@ -99,6 +99,11 @@ def closeness(a: list[Greedy], b: list[Greedy]) -> Closeness:
     return Closeness(worst, prefixes, max([0.0] + [p.gap for p in partings(a, b)]))
 
 
+def identical(got: Closeness, runs: list[Greedy]) -> int:
+    """Prompts whose runs `got` compared agree on every token (`runs`: either side)."""
+    return sum(n == len(run.ids) for n, run in zip(got.prefixes, runs))
+
+
 LOGPROB_TOL = 0.1  # nats: how much further from fp32 than stock bf16 a bf16 run may be
 
 
