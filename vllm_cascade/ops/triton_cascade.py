@@ -294,7 +294,8 @@ def cascade_attention_triton(
     each; the grids do not depend on the step. `partials` = (o [rows, Hq, D], lse [rows, Hq]),
     float32. `chunk_tables` = (shifts [rows, P] int32 indexed like the block table, page_valid
     [pages] int32, cos_sin_cache [positions, rot_dim]): read only where chunk_flag[0] != 0.
-    `launches` = (wide, narrow) settings; default: `default_launch`.
+    `launches` = (wide, narrow) settings of the plain specialization (the chunk one keeps
+    `default_launch`'s, which a sweep's settings may not fit); default: `default_launch`.
     `chunks`: the step's chunk_flag if the caller knows it (one specialization launched), None
     under graph capture (both, each finding items only when the flag matches it at replay).
     `query_rope`: q comes before RoPE (config query_rope="backend"); each tile rotates it once, at
@@ -322,7 +323,8 @@ def cascade_attention_triton(
     first = True
     for block_m, bounds, which in tiles:
         for with_chunks in kinds:
-            launch = launches[which] if launches else default_launch(which == 0, wide_m, with_chunks)
+            plain = launches and not with_chunks
+            launch = launches[which] if plain else default_launch(which == 0, wide_m, with_chunks)
             _partials_kernel[(programs, num_kv_heads)](
                 q, k_cache, v_cache, block_table, o_part, l_part,
                 wl["q_off"], wl["q_len"], wl["bt_row"], wl["page_start"], wl["kv_len"], wl["causal"], wl["item_part"],
@@ -469,7 +471,7 @@ class TritonCascade:
         # Steps without shared levels stream each row's keys alone: longer runs per item pay there.
         self.flat_pages_per_item = flat_pages_per_item or pages_per_item
         self.head_dim, self.wide_m = head_dim, max(wide_m, NARROW_M)
-        self.launches = launches  # (wide, narrow); None: cascade_attention_triton's defaults
+        self.launches = launches  # (wide, narrow) without chunks; None: cascade_attention_triton's defaults
         self.device = torch.device(device)
         sms = torch.cuda.get_device_properties(self.device).multi_processor_count if self.device.type == "cuda" else 1
         self.programs = max(2, programs_per_sm * sms // num_kv_heads)  # x num_kv_heads in the grid
