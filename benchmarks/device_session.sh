@@ -32,6 +32,9 @@
 set -u
 RUN=${CASCADE_RUN_DIR:-/root/cascade-run}
 M=.models/qwen3-0.6b
+# A branch step runs in its own copy of .branch: each device call replaces .branch, which took the
+# working directory from under a step that ran across a poll (fourteenth session).
+in_branch() { rm -rf .branch-run && cp -r .branch .branch-run && cd .branch-run; }
 run_step() {
     case "$1" in
     host-bench) python3 benchmarks/host_bench.py ;;
@@ -90,18 +93,18 @@ run_step() {
             python3 benchmarks/kernel_bench.py $shape --ncu 4 ;;
     fused-tests) python3 -m pytest -q tests/test_fused_qwen3.py ;;
     # The same on a branch under test, its tree unpacked in .branch (git archive BRANCH | tar -x -C .branch)
-    branch-fi) (cd .branch && PYTHONPATH=/root/site:$PWD python3 -m pytest -q tests/test_gpu_attention.py tests/test_uniform_segments.py) ;;
-    branch-kernel) (cd .branch && PYTHONPATH=/root/site:$PWD python3 benchmarks/kernel_bench.py --breakdown) ;;
-    branch-triton) (cd .branch && PYTHONPATH=/root/site:$PWD python3 -m pytest -q tests/test_triton_cascade.py \
+    branch-fi) (in_branch && PYTHONPATH=/root/site:$PWD python3 -m pytest -q tests/test_gpu_attention.py tests/test_uniform_segments.py) ;;
+    branch-kernel) (in_branch && PYTHONPATH=/root/site:$PWD python3 benchmarks/kernel_bench.py --breakdown) ;;
+    branch-triton) (in_branch && PYTHONPATH=/root/site:$PWD python3 -m pytest -q tests/test_triton_cascade.py \
                        tests/test_uniform_segments.py) ;;
-    branch-tput) mkdir -p "$RUN/branch" && (cd .branch && PYTHONPATH=/root/site:$PWD python3 benchmarks/throughput.py \
+    branch-tput) mkdir -p "$RUN/branch" && (in_branch && PYTHONPATH=/root/site:$PWD python3 benchmarks/throughput.py \
                      --model ../$M --workloads shared,groups --backends FLASHINFER,CASCADE --log-dir "$RUN/branch") ;;
-    branch-sweep) (cd .branch && PYTHONPATH=/root/site:$PWD python3 benchmarks/kernel_bench.py --sweep) ;;
-    branch-groups) (cd .branch && PYTHONPATH=/root/site:$PWD python3 benchmarks/kernel_bench.py --prefix 512 --groups 4 \
+    branch-sweep) (in_branch && PYTHONPATH=/root/site:$PWD python3 benchmarks/kernel_bench.py --sweep) ;;
+    branch-groups) (in_branch && PYTHONPATH=/root/site:$PWD python3 benchmarks/kernel_bench.py --prefix 512 --groups 4 \
                        --doc 4096 --breakdown) ;;
-    branch-nosharing) (cd .branch && PYTHONPATH=/root/site:$PWD python3 benchmarks/kernel_bench.py --prefix 0 --own 4352; \
+    branch-nosharing) (in_branch && PYTHONPATH=/root/site:$PWD python3 benchmarks/kernel_bench.py --prefix 0 --own 4352; \
                        PYTHONPATH=/root/site:$PWD python3 benchmarks/kernel_bench.py --batch 1 --prefix 0 --own 640) ;;
-    branch-chunks) mkdir -p "$RUN/branch" && (cd .branch && PYTHONPATH=/root/site:$PWD python3 benchmarks/chunks_bench.py --model ../$M \
+    branch-chunks) mkdir -p "$RUN/branch" && (in_branch && PYTHONPATH=/root/site:$PWD python3 benchmarks/chunks_bench.py --model ../$M \
                        --backends FLASHINFER,CASCADE --log-dir "$RUN/branch") ;;
     *) echo "unknown step $1"; return 2 ;;
     esac
