@@ -314,11 +314,13 @@ def cascade_attention_triton(
     assert shifts.stride(1) == 1 and cos_sin.stride(1) == 1 and page_valid.dtype == torch.int32
     item_range = wl["item_range"]
     kinds = (False, True) if chunks is None else (chunks,)
-    tiles = ((wide_m, item_range[0:2], 0), (NARROW_M, item_range[1:3], 1))
+    # Narrow tiles first: under PDL the wide launch's long items start on the SMs that the narrow
+    # launch's short items free, instead of the short items filling the tail of the long ones.
+    tiles = ((NARROW_M, item_range[1:3], 1), (wide_m, item_range[0:2], 0))
     if q.shape[0] <= NARROW_M // g:
         # No query group exceeds one narrow tile, so build_worklist made no wide items: one launch
         # less per layer (also in the CUDA graphs of such batch sizes, e.g. batch-1 decode).
-        tiles = tiles[1:]
+        tiles = tiles[:1]
     pdl = PDL and q.is_cuda and _has_pdl(q.device.index)
     first = True
     for block_m, bounds, which in tiles:
