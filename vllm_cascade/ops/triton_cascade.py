@@ -3,9 +3,9 @@
 `_partials_kernel` computes work items of a WorkList (attention/worklist.py):
 one tile of query tokens (all G query heads of a KV head) against one run of
 KV pages, online softmax in base 2, writing the tile's normalized output and
-log2-sum-exp. It is launched twice per layer: wide tiles (a shared level's
-many queries, so its pages are read once per wide tile) and narrow ones
-(decode rows). `_merge_kernel` merges each (token, query head)'s partials
+log2-sum-exp. It is launched twice per layer: narrow tiles (decode rows), then
+wide ones (a shared level's many queries, so its pages are read once per wide
+tile). `_merge_kernel` merges each (token, query head)'s partials
 exactly. All three are persistent (a fixed grid striding over counts read
 from device memory), so a CUDA graph captured once replays any later step
 whose work list fits the same buffers.
